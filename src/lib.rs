@@ -1,0 +1,31 @@
+//! nogap: a supervisor that holds a server's listening sockets and keeps it
+//! available through reloads, crashes and dead accept loops.
+//!
+//! # Invariants
+//! * While `nogap run` runs, every socket it holds stays open: connections
+//!   that arrive during a hand-off or a restart wait in the kernel's queue.
+//! * A new generation serves only once every one of its workers is ready;
+//!   only then does the old one get the stop signal. A generation that fails
+//!   to start is stopped and the old one keeps serving.
+//! * No worker outlives nogap: workers die with it (parent-death signal) and
+//!   every worker's process group is killed when its main process is gone.
+//!
+//! # Layout
+//! * [`cli`]: command-line structs; [`config`]: typed, validated config.
+//! * [`sockets`]: binding, inheriting and validating the listening sockets.
+//! * [`sys`]: every `unsafe` block: fork/exec with the fd hand-off, TCP_INFO.
+//! * [`worker`]: a worker's state; [`policy`]: state × event → actions.
+//! * [`notify`]: per-worker notify sockets and nogap's own sd_notify.
+//! * [`supervisor`]: the event loop that executes the policy's actions.
+//! * [`error`]: fatal errors and the exit-code table.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod notify;
+pub mod policy;
+pub mod sockets;
+pub mod supervisor;
+pub mod sys;
+pub mod worker;

@@ -1,0 +1,128 @@
+//! Command-line interface: clap structs only. Values arrive typed (see the
+//! `config::parse_*` value parsers); `config` turns them into a `RunConfig`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::Signal;
+
+use crate::config::{self, ListenSpec, ReadyMode};
+
+const AFTER_HELP: &str = "\
+Signals: HUP reloads (a new generation starts; the old one drains once it is ready),
+TERM and INT stop gracefully.
+
+Exit codes: 0 stopped cleanly; 1 runtime failure (or a failed reload, for reload --wait);
+2 usage error; 3 sockets cannot be set up; 4 command not found or not executable;
+5 control socket unreachable.
+
+Logs go to journald when stderr is the journal, otherwise to stderr; NOGAP_LOG sets the
+level (error, warn, info, debug, trace; default info).";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nogap",
+    version,
+    about = "Hold listening sockets and keep a server available through reloads and dead accept loops",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Supervise COMMAND: hold the sockets, run workers, reload on SIGHUP.
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// Ask a running nogap to reload (start a new generation).
+    Reload(ReloadArgs),
+    /// Show generation, workers, sockets and the last reload.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Listen on ADDR: HOST:PORT, tcp://HOST:PORT, [::]:PORT, udp://HOST:PORT or
+    /// unix:/path. NAME is what workers see in LISTEN_FDNAMES (default derived from
+    /// ADDR, e.g. tcp-127.0.0.1-8080). Repeatable. Sockets passed to nogap by
+    /// systemd (LISTEN_FDS) are used too, with their names.
+    #[arg(short, long, value_name = "[NAME=]ADDR", value_parser = config::parse_listen)]
+    pub listen: Vec<ListenSpec>,
+
+    /// Listen backlog [default: net.core.somaxconn]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=(i32::MAX as i64)))]
+    pub backlog: Option<u32>,
+
+    /// Set SO_REUSEPORT on the sockets nogap binds.
+    #[arg(long)]
+    pub reuseport: bool,
+
+    /// Workers per generation.
+    #[arg(short, long, value_name = "N", default_value = "1",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+
+    /// When a new worker is ready: 'notify' (it sends READY=1 on NOTIFY_SOCKET) or
+    /// 'alive:DURATION' (it stayed alive that long, or sent READY=1 earlier).
+    #[arg(long, value_name = "MODE", default_value = "alive:1s", value_parser = config::parse_ready)]
+    pub ready: ReadyMode,
+
+    /// A new worker that is not ready by then has failed.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = config::parse_duration)]
+    pub start_timeout: Duration,
+
+    /// Signal that asks a worker to drain and exit.
+    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = config::parse_signal)]
+    pub stop_signal: Signal,
+
+    /// After the stop signal, SIGKILL the worker's process group after this long.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = config::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Control socket for `nogap reload` and `nogap status`
+    /// [default: $RUNTIME_DIRECTORY/control.sock, else /run/nogap/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Check the configuration and exit without starting anything.
+    #[arg(long)]
+    pub check: bool,
+
+    /// The server to run, and its arguments (after `--`).
+    #[arg(
+        value_name = "COMMAND",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Wait until the new generation serves; exit 1 with the reason if it failed.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// Control socket of the nogap to talk to.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Give up waiting after this long (exit 1).
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = config::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Control socket of the nogap to talk to.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}

@@ -1,0 +1,665 @@
+//! The supervisor's decisions: a state, an event, and the actions that follow.
+//!
+//! [`State::handle`] is plain code, no I/O besides logging, so every rule can
+//! be tested without processes. The rules:
+//!
+//! | event | rule |
+//! |-------|------|
+//! | Start | start generation 1 |
+//! | Reload | start a new generation; during one, remember one more (coalesced) |
+//! | worker ready (READY=1, or alive long enough) | when every slot of the starting generation is ready, it serves and the older ones get the stop signal |
+//! | a starting worker exits, cannot be spawned, or misses the start timeout | during a reload: the new generation is stopped, the old keeps serving, the reload failed; for the first generation: retried with backoff |
+//! | a serving worker exits | replaced in its slot, after a backoff that doubles per quick failure (capped) |
+//! | a draining worker exits | forgotten |
+//! | drain timeout | SIGKILL to the worker's process group |
+//! | Stop | stop signal to every worker; exit once all are gone |
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::config::{ReadyMode, StopPolicy};
+use crate::notify::Message;
+use crate::worker::{Worker, WorkerId, WorkerState};
+
+/// A client waiting for a reload's outcome (`nogap reload --wait`).
+pub type WaiterId = u64;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub workers: u32,
+    pub ready: ReadyMode,
+    pub start_timeout: Duration,
+    pub stop: StopPolicy,
+    pub backoff: Backoff,
+}
+
+/// Restart backoff: none for the first failure, then `base` doubling up to
+/// `cap`; a worker that lived `reset_after` starts the count again.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+            reset_after: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    fn delay(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(failures - 1).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Start,
+    Reload {
+        waiter: Option<WaiterId>,
+    },
+    Stop,
+    Spawned {
+        worker: WorkerId,
+        pid: i32,
+    },
+    SpawnFailed {
+        worker: WorkerId,
+        error: String,
+    },
+    Exited {
+        pid: i32,
+        status: String,
+    },
+    Notify {
+        worker: WorkerId,
+        messages: Vec<Message>,
+    },
+    /// A deadline may have passed.
+    Tick,
+}
+
+/// What the supervisor tells systemd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    Ready,
+    Reloading,
+    Stopping,
+    Status(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Spawn {
+        worker: WorkerId,
+        generation: u64,
+        slot: u32,
+    },
+    Signal {
+        pid: i32,
+        signal: Signal,
+    },
+    /// SIGKILL the process group led by `pid`.
+    KillGroup {
+        pid: i32,
+    },
+    /// The worker is gone: release what belongs to it (notify socket).
+    Forget {
+        worker: WorkerId,
+    },
+    Upstream(Vec<Upstream>),
+    Reply {
+        waiter: WaiterId,
+        result: Result<u64, String>,
+    },
+    Exit,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum ReloadOutcome {
+    Ok { generation: u64 },
+    Failed { generation: u64, reason: String },
+}
+
+#[derive(Debug)]
+struct Reload {
+    generation: u64,
+    waiters: Vec<WaiterId>,
+}
+
+#[derive(Debug)]
+pub struct State {
+    settings: Settings,
+    pub workers: BTreeMap<WorkerId, Worker>,
+    next_id: WorkerId,
+    /// The highest generation started so far.
+    generation: u64,
+    /// The generation that serves; None until the first one is ready.
+    pub serving: Option<u64>,
+    starting: Option<Reload>,
+    /// A reload asked for while another runs (coalesced), with its waiters.
+    queued: Option<Vec<WaiterId>>,
+    pub stopping: bool,
+    exited: bool,
+    /// Consecutive quick failures per slot of the serving generation.
+    failures: BTreeMap<u32, u32>,
+    pub last_reload: Option<ReloadOutcome>,
+}
+
+impl State {
+    pub fn new(settings: Settings) -> State {
+        State {
+            settings,
+            workers: BTreeMap::new(),
+            next_id: 1,
+            generation: 0,
+            serving: None,
+            starting: None,
+            queued: None,
+            stopping: false,
+            exited: false,
+            failures: BTreeMap::new(),
+            last_reload: None,
+        }
+    }
+
+    /// The generation being started, if any.
+    pub fn starting_generation(&self) -> Option<u64> {
+        self.starting.as_ref().map(|r| r.generation)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// When `handle(Tick)` next has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.workers
+            .values()
+            .filter_map(|w| w.state.deadline())
+            .min()
+    }
+
+    pub fn worker_by_pid(&self, pid: i32) -> Option<&Worker> {
+        self.workers.values().find(|w| w.state.pid() == Some(pid))
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Start => self.start_generation(Vec::new(), now, &mut out),
+            Event::Reload { waiter } => self.reload(waiter, now, &mut out),
+            Event::Stop => self.stop(now, &mut out),
+            Event::Spawned { worker, pid } => self.spawned(worker, pid, now),
+            Event::SpawnFailed { worker, error } => {
+                if let Some(w) = self.workers.remove(&worker) {
+                    out.push(Action::Forget { worker });
+                    let reason = format!(
+                        "worker {} of generation {} cannot start: {error}",
+                        w.slot, w.generation
+                    );
+                    tracing::error!(worker = w.slot, generation = w.generation, %error, "worker cannot start");
+                    self.failed(w, reason, now, &mut out);
+                }
+            }
+            Event::Exited { pid, status } => self.exited(pid, status, now, &mut out),
+            Event::Notify { worker, messages } => {
+                for m in messages {
+                    self.notified(worker, m, now, &mut out);
+                }
+            }
+            Event::Tick => self.tick(now, &mut out),
+        }
+        if self.stopping && self.workers.is_empty() && !self.exited {
+            self.exited = true;
+            tracing::info!("stopped");
+            out.push(Action::Exit);
+        }
+        out
+    }
+
+    // ---- generations ---------------------------------------------------------
+
+    fn reload(&mut self, waiter: Option<WaiterId>, now: Instant, out: &mut Vec<Action>) {
+        if self.stopping {
+            if let Some(waiter) = waiter {
+                out.push(Action::Reply {
+                    waiter,
+                    result: Err("nogap is stopping".into()),
+                });
+            }
+            return;
+        }
+        if self.starting.is_some() {
+            let queued = self.queued.get_or_insert_with(Vec::new);
+            queued.extend(waiter);
+            tracing::info!("reload queued: one runs already");
+            return;
+        }
+        self.start_generation(waiter.into_iter().collect(), now, out);
+    }
+
+    fn start_generation(&mut self, waiters: Vec<WaiterId>, now: Instant, out: &mut Vec<Action>) {
+        self.generation += 1;
+        let generation = self.generation;
+        self.starting = Some(Reload {
+            generation,
+            waiters,
+        });
+        if self.serving.is_some() {
+            tracing::info!(generation, "reload started");
+            out.push(Action::Upstream(vec![
+                Upstream::Reloading,
+                Upstream::Status(self.status_line()),
+            ]));
+        } else {
+            tracing::info!(generation, workers = self.settings.workers, "starting");
+        }
+        for slot in 0..self.settings.workers {
+            self.add_worker(generation, slot, 0, now, now);
+        }
+        self.tick(now, out);
+    }
+
+    fn add_worker(
+        &mut self,
+        generation: u64,
+        slot: u32,
+        restarts: u32,
+        until: Instant,
+        _now: Instant,
+    ) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.workers.insert(
+            id,
+            Worker {
+                id,
+                generation,
+                slot,
+                state: WorkerState::Waiting { until },
+                spawned_at: None,
+                restarts,
+                status: None,
+                last_ping: None,
+            },
+        );
+    }
+
+    /// Every slot of the starting generation has a ready worker: it serves.
+    fn maybe_commit(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(generation) = self.starting_generation() else {
+            return;
+        };
+        let ready = self
+            .workers
+            .values()
+            .filter(|w| w.generation == generation && matches!(w.state, WorkerState::Ready { .. }))
+            .count();
+        if ready < self.settings.workers as usize {
+            return;
+        }
+        let reload = self.starting.take().expect("a starting generation");
+        let first = self.serving.is_none();
+        self.serving = Some(generation);
+        self.failures.clear();
+        let old: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.generation != generation && !w.state.is_leaving())
+            .map(|w| w.id)
+            .collect();
+        for id in old {
+            self.stop_worker(id, now, out);
+        }
+        tracing::info!(generation, "generation ready");
+        if !first {
+            self.last_reload = Some(ReloadOutcome::Ok { generation });
+        }
+        for waiter in reload.waiters {
+            out.push(Action::Reply {
+                waiter,
+                result: Ok(generation),
+            });
+        }
+        out.push(Action::Upstream(vec![
+            Upstream::Ready,
+            Upstream::Status(self.status_line()),
+        ]));
+        self.run_queued(now, out);
+    }
+
+    /// The starting generation failed during a reload: stop it, keep the old.
+    fn abort_reload(&mut self, reason: String, now: Instant, out: &mut Vec<Action>) {
+        let reload = self.starting.take().expect("a starting generation");
+        let generation = reload.generation;
+        tracing::error!(generation, %reason, "reload failed");
+        let ids: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.generation == generation && !w.state.is_leaving())
+            .map(|w| w.id)
+            .collect();
+        for id in ids {
+            self.stop_worker(id, now, out);
+        }
+        self.last_reload = Some(ReloadOutcome::Failed {
+            generation,
+            reason: reason.clone(),
+        });
+        for waiter in reload.waiters {
+            out.push(Action::Reply {
+                waiter,
+                result: Err(reason.clone()),
+            });
+        }
+        out.push(Action::Upstream(vec![
+            Upstream::Ready,
+            Upstream::Status(self.status_line()),
+        ]));
+        self.run_queued(now, out);
+    }
+
+    fn run_queued(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if let Some(waiters) = self.queued.take() {
+            self.start_generation(waiters, now, out);
+        }
+    }
+
+    // ---- workers -------------------------------------------------------------
+
+    fn spawned(&mut self, id: WorkerId, pid: i32, now: Instant) {
+        let ready_mode = self.settings.ready;
+        let timeout = self.settings.start_timeout;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.spawned_at = Some(now);
+        w.state = WorkerState::Starting {
+            pid,
+            ready_at: match ready_mode {
+                ReadyMode::Alive(d) => Some(now + d),
+                ReadyMode::Notify => None,
+            },
+            deadline: now + timeout,
+        };
+        tracing::info!(
+            worker = w.slot,
+            generation = w.generation,
+            pid,
+            "worker started"
+        );
+    }
+
+    fn became_ready(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let WorkerState::Starting { pid, .. } = w.state else {
+            return;
+        };
+        w.state = WorkerState::Ready { pid, since: now };
+        tracing::info!(
+            worker = w.slot,
+            generation = w.generation,
+            pid,
+            "worker ready"
+        );
+        self.maybe_commit(now, out);
+    }
+
+    fn exited(&mut self, pid: i32, status: String, now: Instant, out: &mut Vec<Action>) {
+        let Some(id) = self.worker_by_pid(pid).map(|w| w.id) else {
+            tracing::debug!(pid, %status, "reaped a process that is not a worker");
+            return;
+        };
+        let w = self.workers.remove(&id).expect("worker found by pid");
+        out.push(Action::Forget { worker: id });
+        // Leftovers in its process group are orphans now.
+        out.push(Action::KillGroup { pid });
+        let (slot, generation) = (w.slot, w.generation);
+        match w.state {
+            WorkerState::Draining { .. } | WorkerState::Killed { .. } => {
+                tracing::info!(worker = slot, generation, pid, %status, "worker exited");
+            }
+            WorkerState::Starting { .. } => {
+                tracing::error!(worker = slot, generation, pid, %status, "worker exited before it was ready");
+                let reason = format!("worker {slot} (pid {pid}) of generation {generation} {status} before it was ready");
+                self.failed(w, reason, now, out);
+            }
+            _ => {
+                tracing::warn!(worker = slot, generation, pid, %status, "worker exited");
+                let reason =
+                    format!("worker {slot} (pid {pid}) of generation {generation} {status}");
+                self.failed(w, reason, now, out);
+            }
+        }
+    }
+
+    /// A worker that should be serving, or about to, is gone (already removed).
+    fn failed(&mut self, w: Worker, reason: String, now: Instant, out: &mut Vec<Action>) {
+        if self.stopping {
+            return;
+        }
+        let reloading = self.serving.is_some() && self.starting_generation() == Some(w.generation);
+        if reloading {
+            self.abort_reload(reason, now, out);
+            return;
+        }
+        let current = self.serving.or(self.starting_generation());
+        if current != Some(w.generation) {
+            return; // an old generation's worker: nothing to replace
+        }
+        let lived = w
+            .spawned_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let failures = self.failures.entry(w.slot).or_insert(0);
+        if lived >= self.settings.backoff.reset_after {
+            *failures = 0;
+        }
+        let delay = self.settings.backoff.delay(*failures);
+        *failures += 1;
+        tracing::warn!(
+            worker = w.slot,
+            generation = w.generation,
+            backoff_ms = delay.as_millis() as u64,
+            restarts = w.restarts + 1,
+            "restart scheduled"
+        );
+        self.add_worker(w.generation, w.slot, w.restarts + 1, now + delay, now);
+    }
+
+    /// Ask a worker to leave: stop signal, SIGKILL later. A worker that has
+    /// not started yet is just dropped.
+    fn stop_worker(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
+        let grace = self.settings.stop.grace;
+        let signal = self.settings.stop.signal;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match w.state {
+            WorkerState::Waiting { .. } | WorkerState::Spawning => {
+                self.workers.remove(&id);
+                out.push(Action::Forget { worker: id });
+            }
+            WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => {
+                tracing::info!(worker = w.slot, generation = w.generation, pid, signal = %signal, "draining worker");
+                w.state = WorkerState::Draining {
+                    pid,
+                    kill_at: now + grace,
+                };
+                out.push(Action::Signal { pid, signal });
+            }
+            WorkerState::Draining { .. } | WorkerState::Killed { .. } => {}
+        }
+    }
+
+    fn stop(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.stopping {
+            tracing::info!("already stopping");
+            return;
+        }
+        tracing::info!("stopping: draining every worker");
+        self.stopping = true;
+        let reason = "nogap is stopping".to_string();
+        let waiters = self
+            .starting
+            .take()
+            .map(|r| r.waiters)
+            .into_iter()
+            .chain(self.queued.take())
+            .flatten();
+        for waiter in waiters {
+            out.push(Action::Reply {
+                waiter,
+                result: Err(reason.clone()),
+            });
+        }
+        out.push(Action::Upstream(vec![
+            Upstream::Stopping,
+            Upstream::Status("stopping".into()),
+        ]));
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.stop_worker(id, now, out);
+        }
+    }
+
+    fn notified(&mut self, id: WorkerId, m: Message, now: Instant, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let (slot, generation) = (w.slot, w.generation);
+        match m {
+            Message::Ready => self.became_ready(id, now, out),
+            Message::Status(s) => {
+                tracing::debug!(worker = slot, generation, status = %s, "worker status");
+                w.status = Some(s);
+            }
+            Message::Watchdog => w.last_ping = Some(now),
+            Message::ExtendTimeout(d) => {
+                if let WorkerState::Starting { deadline, .. } = &mut w.state {
+                    *deadline = (*deadline).max(now + d);
+                }
+            }
+            Message::Stopping => {
+                tracing::info!(worker = slot, generation, "worker says it is stopping")
+            }
+            Message::Reloading => {
+                tracing::debug!(worker = slot, generation, "worker says it is reloading")
+            }
+            Message::WatchdogTrigger => {
+                tracing::warn!(
+                    worker = slot,
+                    generation,
+                    "worker asked to be treated as failed (WATCHDOG=trigger)"
+                )
+            }
+            Message::Other(line) => {
+                tracing::debug!(worker = slot, generation, %line, "worker notification ignored")
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let due: Vec<(WorkerId, WorkerState)> = self
+            .workers
+            .values()
+            .filter(|w| w.state.deadline().is_some_and(|d| d <= now))
+            .map(|w| (w.id, w.state))
+            .collect();
+        for (id, state) in due {
+            if !self.workers.contains_key(&id) {
+                continue; // removed by an earlier step of this tick
+            }
+            match state {
+                WorkerState::Waiting { .. } => {
+                    let w = self.workers.get_mut(&id).expect("present");
+                    w.state = WorkerState::Spawning;
+                    out.push(Action::Spawn {
+                        worker: id,
+                        generation: w.generation,
+                        slot: w.slot,
+                    });
+                }
+                WorkerState::Starting {
+                    ready_at: Some(r),
+                    deadline,
+                    ..
+                } if r <= now && r <= deadline => {
+                    self.became_ready(id, now, out);
+                }
+                WorkerState::Starting { pid, .. } => {
+                    let w = self.workers.get(&id).expect("present").clone();
+                    let timeout = humantime::format_duration(self.settings.start_timeout);
+                    tracing::error!(worker = w.slot, generation = w.generation, pid, %timeout, "worker not ready in time");
+                    let reason = format!(
+                        "worker {} (pid {pid}) of generation {} was not ready after {timeout}",
+                        w.slot, w.generation
+                    );
+                    self.stop_worker(id, now, out);
+                    self.failed(w, reason, now, out);
+                }
+                WorkerState::Draining { pid, .. } => {
+                    let w = self.workers.get_mut(&id).expect("present");
+                    tracing::warn!(
+                        worker = w.slot,
+                        generation = w.generation,
+                        pid,
+                        "drain timeout: killing worker"
+                    );
+                    w.state = WorkerState::Killed { pid };
+                    out.push(Action::KillGroup { pid });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One line for systemd's STATUS= and `nogap status`.
+    pub fn status_line(&self) -> String {
+        let mut s = match self.serving {
+            Some(g) => {
+                let ready = self
+                    .workers
+                    .values()
+                    .filter(|w| w.generation == g && matches!(w.state, WorkerState::Ready { .. }))
+                    .count();
+                format!(
+                    "generation {g}: {ready}/{} workers ready",
+                    self.settings.workers
+                )
+            }
+            None => "starting".to_string(),
+        };
+        if let (Some(g), Some(_)) = (self.starting_generation(), self.serving) {
+            s.push_str(&format!("; reloading to generation {g}"));
+        }
+        match &self.last_reload {
+            Some(ReloadOutcome::Ok { generation }) => {
+                s.push_str(&format!("; last reload ok (generation {generation})"))
+            }
+            Some(ReloadOutcome::Failed { reason, .. }) => {
+                s.push_str(&format!("; last reload failed: {reason}"))
+            }
+            None => {}
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

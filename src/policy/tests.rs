@@ -1,0 +1,280 @@
+//! Policy rules, driven without processes.
+
+use super::*;
+use std::time::{Duration, Instant};
+
+fn settings(workers: u32, ready: ReadyMode) -> Settings {
+    Settings {
+        workers,
+        ready,
+        start_timeout: Duration::from_secs(5),
+        stop: StopPolicy {
+            signal: Signal::SIGTERM,
+            grace: Duration::from_secs(3),
+        },
+        backoff: Backoff::default(),
+    }
+}
+
+/// Feed Spawned for every Spawn action, with pids from a counter.
+fn run(state: &mut State, event: Event, now: Instant, next_pid: &mut i32) -> Vec<Action> {
+    let mut all = Vec::new();
+    let mut queue = vec![event];
+    while let Some(ev) = queue.pop() {
+        for a in state.handle(ev, now) {
+            if let Action::Spawn { worker, .. } = a {
+                *next_pid += 1;
+                queue.push(Event::Spawned {
+                    worker,
+                    pid: *next_pid,
+                });
+            }
+            all.push(a);
+        }
+    }
+    all
+}
+
+fn pids_in(state: &State, generation: u64) -> Vec<i32> {
+    state
+        .workers
+        .values()
+        .filter(|w| w.generation == generation)
+        .filter_map(|w| w.state.pid())
+        .collect()
+}
+
+#[test]
+fn first_generation_ready_then_reload_hands_over() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(2, ReadyMode::Notify));
+    run(&mut s, Event::Start, t0, &mut pid);
+    assert_eq!(pids_in(&s, 1), vec![101, 102]);
+    let ids: Vec<_> = s.workers.keys().copied().collect();
+    run(
+        &mut s,
+        Event::Notify {
+            worker: ids[0],
+            messages: vec![Message::Ready],
+        },
+        t0,
+        &mut pid,
+    );
+    assert_eq!(s.serving, None);
+    let a = run(
+        &mut s,
+        Event::Notify {
+            worker: ids[1],
+            messages: vec![Message::Ready],
+        },
+        t0,
+        &mut pid,
+    );
+    assert_eq!(s.serving, Some(1));
+    assert!(a.contains(&Action::Upstream(vec![
+        Upstream::Ready,
+        Upstream::Status(s.status_line())
+    ])));
+
+    let a = run(&mut s, Event::Reload { waiter: Some(7) }, t0, &mut pid);
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, Action::Upstream(u) if u[0] == Upstream::Reloading)));
+    assert_eq!(pids_in(&s, 2), vec![103, 104]);
+    // Old workers untouched until all new ones are ready.
+    let new: Vec<_> = s
+        .workers
+        .values()
+        .filter(|w| w.generation == 2)
+        .map(|w| w.id)
+        .collect();
+    let a = run(
+        &mut s,
+        Event::Notify {
+            worker: new[0],
+            messages: vec![Message::Ready],
+        },
+        t0,
+        &mut pid,
+    );
+    assert!(!a.iter().any(|a| matches!(a, Action::Signal { .. })));
+    let a = run(
+        &mut s,
+        Event::Notify {
+            worker: new[1],
+            messages: vec![Message::Ready],
+        },
+        t0,
+        &mut pid,
+    );
+    assert!(a.contains(&Action::Signal {
+        pid: 101,
+        signal: Signal::SIGTERM
+    }));
+    assert!(a.contains(&Action::Signal {
+        pid: 102,
+        signal: Signal::SIGTERM
+    }));
+    assert!(a.contains(&Action::Reply {
+        waiter: 7,
+        result: Ok(2)
+    }));
+    assert_eq!(s.serving, Some(2));
+}
+
+#[test]
+fn failed_reload_keeps_old_generation() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Notify));
+    run(&mut s, Event::Start, t0, &mut pid);
+    let id = *s.workers.keys().next().unwrap();
+    run(
+        &mut s,
+        Event::Notify {
+            worker: id,
+            messages: vec![Message::Ready],
+        },
+        t0,
+        &mut pid,
+    );
+    run(&mut s, Event::Reload { waiter: Some(1) }, t0, &mut pid);
+    let a = run(
+        &mut s,
+        Event::Exited {
+            pid: 102,
+            status: "exited with status 3".into(),
+        },
+        t0,
+        &mut pid,
+    );
+    assert!(a.iter().any(
+        |a| matches!(a, Action::Reply { waiter: 1, result: Err(r) } if r.contains("status 3"))
+    ));
+    assert!(!a
+        .iter()
+        .any(|a| matches!(a, Action::Signal { pid: 101, .. })));
+    assert_eq!(s.serving, Some(1));
+    assert!(matches!(
+        s.last_reload,
+        Some(ReloadOutcome::Failed { generation: 2, .. })
+    ));
+    // Start timeout of a reload fails it too.
+    run(&mut s, Event::Reload { waiter: None }, t0, &mut pid);
+    let a = run(&mut s, Event::Tick, t0 + Duration::from_secs(6), &mut pid);
+    assert!(a.contains(&Action::Signal {
+        pid: 103,
+        signal: Signal::SIGTERM
+    }));
+    assert_eq!(s.serving, Some(1));
+}
+
+#[test]
+fn reloads_during_a_reload_coalesce() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Alive(Duration::from_secs(1))));
+    run(&mut s, Event::Start, t0, &mut pid);
+    run(&mut s, Event::Tick, t0 + Duration::from_secs(1), &mut pid);
+    assert_eq!(s.serving, Some(1));
+    for _ in 0..50 {
+        run(
+            &mut s,
+            Event::Reload { waiter: None },
+            t0 + Duration::from_secs(1),
+            &mut pid,
+        );
+    }
+    assert_eq!(s.starting_generation(), Some(2));
+    run(&mut s, Event::Tick, t0 + Duration::from_secs(2), &mut pid);
+    assert_eq!(s.serving, Some(2));
+    assert_eq!(s.starting_generation(), Some(3), "exactly one more");
+    run(&mut s, Event::Tick, t0 + Duration::from_secs(3), &mut pid);
+    assert_eq!(s.serving, Some(3));
+    assert_eq!(s.starting_generation(), None);
+}
+
+#[test]
+fn crashes_back_off_and_reset() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Alive(Duration::ZERO)));
+    run(&mut s, Event::Start, t0, &mut pid);
+    run(&mut s, Event::Tick, t0, &mut pid);
+    assert_eq!(s.serving, Some(1));
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        let p = pids_in(&s, 1)[0];
+        run(
+            &mut s,
+            Event::Exited {
+                pid: p,
+                status: "exited with status 3".into(),
+            },
+            t0,
+            &mut pid,
+        );
+        let until = s.next_deadline().unwrap();
+        delays.push(until - t0);
+        run(&mut s, Event::Tick, until, &mut pid);
+        run(&mut s, Event::Tick, until, &mut pid);
+    }
+    let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, vec![0, 100, 200, 400, 800, 1600, 3200, 6400]);
+}
+
+#[test]
+fn stop_drains_and_exits_when_all_gone() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(2, ReadyMode::Alive(Duration::ZERO)));
+    run(&mut s, Event::Start, t0, &mut pid);
+    run(&mut s, Event::Tick, t0, &mut pid);
+    let a = run(&mut s, Event::Stop, t0, &mut pid);
+    assert!(a.contains(&Action::Signal {
+        pid: 101,
+        signal: Signal::SIGTERM
+    }));
+    let a = run(&mut s, Event::Tick, t0 + Duration::from_secs(3), &mut pid);
+    assert!(a.contains(&Action::KillGroup { pid: 101 }));
+    run(
+        &mut s,
+        Event::Exited {
+            pid: 101,
+            status: "killed by signal SIGKILL".into(),
+        },
+        t0,
+        &mut pid,
+    );
+    let a = run(
+        &mut s,
+        Event::Exited {
+            pid: 102,
+            status: "exited with status 0".into(),
+        },
+        t0,
+        &mut pid,
+    );
+    assert_eq!(a.last(), Some(&Action::Exit));
+    assert!(s.workers.is_empty());
+}
+
+#[test]
+fn first_generation_failure_retries() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Notify));
+    run(&mut s, Event::Start, t0, &mut pid);
+    run(
+        &mut s,
+        Event::Exited {
+            pid: 101,
+            status: "exited with status 1".into(),
+        },
+        t0,
+        &mut pid,
+    );
+    assert_eq!(s.workers.len(), 1, "a replacement waits");
+    assert_eq!(s.starting_generation(), Some(1));
+}

@@ -1,0 +1,238 @@
+//! The listening sockets nogap holds.
+//!
+//! Sockets come from two places: systemd socket activation (`LISTEN_FDS`
+//! addressed to nogap, names from `LISTEN_FDNAMES`) and `--listen`, which nogap
+//! binds itself. Either way they are validated, close-on-exec, known by name,
+//! and never closed while nogap runs: that is what makes a hand-off gap-free.
+//!
+//! Hand-off mode: nogap creates sockets in blocking mode (as systemd does by
+//! default) and never changes `O_NONBLOCK` afterwards; inherited sockets are
+//! passed on exactly as received. The flag belongs to the open file shared by
+//! every worker, so a server that sets it (most event-loop servers do) sets it
+//! for all generations.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+
+use crate::config::{self, Address, ListenSpec};
+use crate::error::Error;
+use crate::sys;
+
+/// The kind of a socket, as far as hand-off and monitoring care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A listening stream socket (TCP or unix): has an accept queue.
+    Listener,
+    /// A datagram socket (UDP or unix datagram).
+    Datagram,
+}
+
+/// One socket nogap holds.
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    /// Human-readable local address, e.g. `tcp://127.0.0.1:8080`.
+    pub address: String,
+    pub kind: Kind,
+    /// True for TCP listeners, which have a readable accept queue.
+    pub tcp: bool,
+    pub inherited: bool,
+    fd: OwnedFd,
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.address)
+    }
+}
+
+/// Accept-queue depth of a TCP listener, from `TCP_INFO`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Queue {
+    /// Connections waiting to be accepted.
+    pub depth: u32,
+    /// The effective backlog.
+    pub backlog: u32,
+}
+
+impl Listener {
+    /// The accept queue, for TCP listeners.
+    pub fn queue(&self) -> Option<Queue> {
+        if !self.tcp {
+            return None;
+        }
+        sys::tcp_queue(self.fd.as_fd())
+            .ok()
+            .map(|(depth, backlog)| Queue { depth, backlog })
+    }
+}
+
+/// Take the sockets systemd (or systemd-socket-activate) passed to nogap.
+/// Returns none when LISTEN_FDS is not addressed to this process.
+pub fn take_inherited() -> Result<Vec<Listener>, Error> {
+    let fds = sd_notify::listen_fds_with_names()
+        .map_err(|e| Error::Inherited(format!("bad LISTEN_FDS/LISTEN_FDNAMES: {e}")))?;
+    let mut out = Vec::new();
+    for (raw, name) in fds {
+        out.push(validate_inherited(raw, name)?);
+    }
+    Ok(out)
+}
+
+fn validate_inherited(raw: RawFd, name: String) -> Result<Listener, Error> {
+    let what = |msg: &str| Error::Inherited(format!("fd {raw} (name '{name}') {msg}"));
+    let stat = nix::sys::stat::fstat(raw).map_err(|e| what(&format!("cannot be used: {e}")))?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(what("is not a socket"));
+    }
+    // SAFETY: `raw` is one of the LISTEN_FDS descriptors, which systemd's
+    // protocol hands to this process to own; nothing else in nogap uses it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let sock = SockRef::from(&fd);
+    let ty = sock
+        .r#type()
+        .map_err(|e| what(&format!("has no socket type: {e}")))?;
+    let local = sock
+        .local_addr()
+        .map_err(|e| what(&format!("has no address: {e}")))?;
+    let kind = if ty == Type::STREAM || ty == Type::SEQPACKET {
+        if !sock.is_listener().unwrap_or(false) {
+            return Err(what("is a stream socket that is not listening"));
+        }
+        Kind::Listener
+    } else if ty == Type::DGRAM {
+        Kind::Datagram
+    } else {
+        return Err(what("has an unsupported socket type"));
+    };
+    config::check_fd_name(&name).map_err(|e| what(&e))?;
+    let tcp = kind == Kind::Listener && local.as_socket().is_some();
+    Ok(Listener {
+        address: describe(&local, kind),
+        name,
+        kind,
+        tcp,
+        inherited: true,
+        fd,
+    })
+}
+
+fn describe(addr: &SockAddr, kind: Kind) -> String {
+    match (addr.as_socket(), addr.as_pathname(), kind) {
+        (Some(a), _, Kind::Listener) => format!("tcp://{a}"),
+        (Some(a), _, Kind::Datagram) => format!("udp://{a}"),
+        (None, Some(p), _) => format!("unix:{}", p.display()),
+        _ => "unix:(unnamed)".to_string(),
+    }
+}
+
+/// Bind one `--listen` socket.
+pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener, Error> {
+    let err = |source: io::Error| Error::Bind {
+        addr: spec.address.to_string(),
+        source,
+    };
+    let (sock, kind, tcp) = match &spec.address {
+        Address::Tcp(a) => (
+            bind_inet(*a, Type::STREAM, reuseport).map_err(err)?,
+            Kind::Listener,
+            true,
+        ),
+        Address::Udp(a) => (
+            bind_inet(*a, Type::DGRAM, reuseport).map_err(err)?,
+            Kind::Datagram,
+            false,
+        ),
+        Address::Unix(p) => (bind_unix(p).map_err(err)?, Kind::Listener, false),
+    };
+    if kind == Kind::Listener {
+        sock.listen(backlog).map_err(err)?;
+    }
+    let local = sock.local_addr().map_err(err)?;
+    Ok(Listener {
+        name: spec.name.clone(),
+        address: describe(&local, kind),
+        kind,
+        tcp,
+        inherited: false,
+        fd: sock.into(),
+    })
+}
+
+fn bind_inet(addr: SocketAddr, ty: Type, reuseport: bool) -> io::Result<Socket> {
+    // socket2 creates sockets with SOCK_CLOEXEC, in blocking mode.
+    let sock = Socket::new(Domain::for_address(addr), ty, None)?;
+    sock.set_reuse_address(true)?;
+    if reuseport {
+        sock.set_reuse_port(true)?;
+    }
+    sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
+/// Bind a unix stream socket. A socket file left by a dead process is
+/// replaced; one that still accepts connections belongs to a live instance,
+/// and binding fails rather than stealing it.
+fn bind_unix(path: &Path) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    let addr = SockAddr::unix(path)?;
+    match sock.bind(&addr) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let is_socket = std::fs::symlink_metadata(path)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false);
+            let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            if !is_socket || probe.connect(&addr).is_ok() {
+                return Err(e);
+            }
+            std::fs::remove_file(path)?;
+            sock.bind(&addr)?;
+        }
+        other => other?,
+    }
+    Ok(sock)
+}
+
+/// All sockets for a run: inherited first (in LISTEN_FDS order), then
+/// `--listen` in command-line order. Names must be unique.
+pub fn open_all(
+    inherited: Vec<Listener>,
+    specs: &[ListenSpec],
+    backlog: i32,
+    reuseport: bool,
+) -> Result<Vec<Listener>, Error> {
+    let mut all = inherited;
+    for spec in specs {
+        if all.iter().any(|l| l.name == spec.name) {
+            return Err(Error::Usage(format!(
+                "socket name '{}' is already used by an inherited socket",
+                spec.name
+            )));
+        }
+        all.push(bind(spec, backlog, reuseport)?);
+    }
+    if all.is_empty() {
+        return Err(Error::Usage(
+            "no sockets: give --listen ADDR, or start nogap with LISTEN_FDS (socket activation)"
+                .into(),
+        ));
+    }
+    Ok(all)
+}
+
+/// Raw fds of the sockets, in hand-off order (fd 3, 4, ... in the worker).
+pub fn raw_fds(listeners: &[Listener]) -> Vec<RawFd> {
+    listeners.iter().map(|l| l.fd.as_raw_fd()).collect()
+}

@@ -1,0 +1,412 @@
+//! The event loop: turns signals, child exits, worker notifications, control
+//! requests and timers into [`Event`]s, feeds them to the [`State`], and
+//! carries out the [`Action`]s it returns. Policy lives in `policy`; this
+//! module only does I/O.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use futures::StreamExt;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use sd_notify::NotifyState;
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::RunConfig;
+use crate::error::Error;
+use crate::notify::{Message, Upstream, WorkerSocket};
+use crate::policy::{self, Action, Event, Settings, State, WaiterId};
+use crate::sockets::Listener;
+use crate::sys::{ExecPlan, ProcessSettings};
+use crate::worker::WorkerId;
+
+/// Variables nogap consumes itself and never passes on.
+const OWN_VARS: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// nogap's environment, read once at start-up.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    vars: Vec<(OsString, OsString)>,
+}
+
+impl Environment {
+    pub fn capture() -> Environment {
+        Environment {
+            vars: std::env::vars_os().collect(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&OsString> {
+        self.vars.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// What every worker inherits: everything but nogap's own protocol vars.
+    fn for_workers(&self) -> Vec<(OsString, OsString)> {
+        self.vars
+            .iter()
+            .filter(|(k, _)| !OWN_VARS.iter().any(|o| k == o))
+            .cloned()
+            .collect()
+    }
+
+    /// Where nogap keeps its runtime files (notify sockets, control socket).
+    pub fn runtime_base(&self) -> PathBuf {
+        if let Some(dir) = self.get("RUNTIME_DIRECTORY") {
+            let first = dir
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            if !first.is_empty() {
+                return PathBuf::from(first);
+            }
+        }
+        if nix::unistd::geteuid().is_root() {
+            return PathBuf::from("/run/nogap");
+        }
+        match self.get("XDG_RUNTIME_DIR") {
+            Some(d) => PathBuf::from(d).join("nogap"),
+            None => std::env::temp_dir().join(format!("nogap-{}", nix::unistd::geteuid())),
+        }
+    }
+}
+
+/// A request from the control channel.
+pub enum Request {
+    Reload {
+        reply: Option<oneshot::Sender<Result<u64, String>>>,
+    },
+    Status {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+}
+
+/// A directory of per-worker notify sockets, removed with nogap.
+struct NotifyDir(PathBuf);
+
+impl NotifyDir {
+    fn create(base: &std::path::Path) -> Result<NotifyDir, Error> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(base)
+            .map_err(|e| Error::system(format!("cannot create {}", base.display()), e))?;
+        let dir = base.join(format!("notify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&dir)
+            .map_err(|e| Error::system(format!("cannot create {}", dir.display()), e))?;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711));
+        Ok(NotifyDir(dir))
+    }
+}
+
+impl Drop for NotifyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Supervisor {
+    state: State,
+    config: RunConfig,
+    listeners: Vec<Listener>,
+    fds: Vec<RawFd>,
+    fdnames: OsString,
+    worker_env: Vec<(OsString, OsString)>,
+    notify_dir: NotifyDir,
+    notify_tx: mpsc::Sender<(WorkerId, Result<Vec<Message>, String>)>,
+    sockets: HashMap<WorkerId, WorkerSocket>,
+    upstream: Upstream,
+    waiters: HashMap<WaiterId, oneshot::Sender<Result<u64, String>>>,
+    next_waiter: WaiterId,
+    started: Instant,
+}
+
+/// Run until stopped. Returns once every worker is gone.
+pub async fn run(
+    config: RunConfig,
+    listeners: Vec<Listener>,
+    env: Environment,
+    mut requests: mpsc::Receiver<Request>,
+) -> Result<(), Error> {
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGCHLD])
+        .map_err(|e| Error::system("cannot install signal handlers", e))?;
+    let (notify_tx, mut notify_rx) = mpsc::channel(1024);
+    let upstream = Upstream::new(env.get("NOTIFY_SOCKET").map(|s| s.as_os_str()))
+        .map_err(|e| Error::system("bad NOTIFY_SOCKET", e))?;
+    let settings = Settings {
+        workers: config.workers,
+        ready: config.ready,
+        start_timeout: config.start_timeout,
+        stop: config.stop,
+        backoff: policy::Backoff::default(),
+    };
+    let fds = crate::sockets::raw_fds(&listeners);
+    let fdnames = listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect::<Vec<_>>()
+        .join(":")
+        .into();
+    let mut sup = Supervisor {
+        state: State::new(settings),
+        notify_dir: NotifyDir::create(&env.runtime_base())?,
+        worker_env: env.for_workers(),
+        config,
+        listeners,
+        fds,
+        fdnames,
+        notify_tx,
+        sockets: HashMap::new(),
+        upstream,
+        waiters: HashMap::new(),
+        next_waiter: 1,
+        started: Instant::now(),
+    };
+    for l in &sup.listeners {
+        tracing::info!(socket = %l.name, addr = %l.address, inherited = l.inherited, "listening");
+    }
+
+    if sup.process(Event::Start) {
+        return Ok(());
+    }
+    loop {
+        let deadline = sup.state.next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            Some(sig) = signals.next() => match sig {
+                SIGHUP => Event::Reload { waiter: None },
+                SIGTERM | SIGINT => Event::Stop,
+                _ => {
+                    if sup.reap() { return Ok(()); }
+                    continue;
+                }
+            },
+            Some((worker, parsed)) = notify_rx.recv() => match parsed {
+                Ok(messages) => Event::Notify { worker, messages },
+                Err(error) => {
+                    let w = sup.state.workers.get(&worker);
+                    tracing::warn!(worker = w.map(|w| w.slot), generation = w.map(|w| w.generation), %error, "bad notify message ignored");
+                    continue;
+                }
+            },
+            Some(req) = requests.recv() => match req {
+                Request::Reload { reply } => {
+                    let waiter = reply.map(|r| {
+                        let id = sup.next_waiter;
+                        sup.next_waiter += 1;
+                        sup.waiters.insert(id, r);
+                        id
+                    });
+                    Event::Reload { waiter }
+                }
+                Request::Status { reply } => {
+                    let _ = reply.send(sup.status_json());
+                    continue;
+                }
+            },
+            () = sleep => Event::Tick,
+        };
+        if sup.process(event) {
+            return Ok(());
+        }
+    }
+}
+
+impl Supervisor {
+    /// Handle one event and everything it leads to. True when nogap is done.
+    fn process(&mut self, event: Event) -> bool {
+        let mut queue = VecDeque::from([event]);
+        let mut done = false;
+        while let Some(event) = queue.pop_front() {
+            for action in self.state.handle(event, Instant::now()) {
+                match action {
+                    Action::Spawn {
+                        worker,
+                        generation,
+                        slot,
+                    } => queue.push_back(self.spawn(worker, generation, slot)),
+                    Action::Signal { pid, signal } => {
+                        if let Err(e) = kill(Pid::from_raw(pid), signal) {
+                            tracing::debug!(pid, error = %e, "signal not delivered");
+                        }
+                    }
+                    Action::KillGroup { pid } => {
+                        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    Action::Forget { worker } => {
+                        self.sockets.remove(&worker);
+                    }
+                    Action::Upstream(msgs) => self.tell_systemd(&msgs),
+                    Action::Reply { waiter, result } => {
+                        if let Some(tx) = self.waiters.remove(&waiter) {
+                            let _ = tx.send(result);
+                        }
+                    }
+                    Action::Exit => done = true,
+                }
+            }
+        }
+        done
+    }
+
+    /// Reap every exited child. True when nogap is done.
+    fn reap(&mut self) -> bool {
+        loop {
+            let (pid, status) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}")),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    (pid, format!("was killed by signal {sig}"))
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return false,
+                Ok(_) => continue,
+            };
+            if self.process(Event::Exited {
+                pid: pid.as_raw(),
+                status,
+            }) {
+                return true;
+            }
+        }
+    }
+
+    fn spawn(&mut self, worker: WorkerId, generation: u64, slot: u32) -> Event {
+        match self.try_spawn(worker, generation, slot) {
+            Ok(pid) => Event::Spawned { worker, pid },
+            Err(error) => Event::SpawnFailed { worker, error },
+        }
+    }
+
+    fn try_spawn(&mut self, worker: WorkerId, generation: u64, slot: u32) -> Result<i32, String> {
+        let path = self.notify_dir.0.join(format!("w{worker}.sock"));
+        let socket = WorkerSocket::bind(path, worker, self.notify_tx.clone())
+            .map_err(|e| format!("cannot create notify socket: {e}"))?;
+        let mut env = self.worker_env.clone();
+        env.push(("LISTEN_FDS".into(), self.fds.len().to_string().into()));
+        env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
+        env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
+        env.push(("NOGAP_GENERATION".into(), generation.to_string().into()));
+        env.push(("NOGAP_WORKER".into(), slot.to_string().into()));
+        let cmd = &self.config.command;
+        let mut plan = ExecPlan::new(
+            &cmd.path,
+            &cmd.argv,
+            &env,
+            &self.fds,
+            ProcessSettings::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        let pid = plan
+            .spawn()
+            .map_err(|e| format!("cannot execute {}: {e}", cmd.path.display()))?;
+        self.sockets.insert(worker, socket);
+        Ok(pid.as_raw())
+    }
+
+    fn tell_systemd(&self, msgs: &[policy::Upstream]) {
+        if !self.upstream.enabled() {
+            return;
+        }
+        let monotonic = NotifyState::monotonic_usec_now().ok();
+        let mut states = Vec::new();
+        for m in msgs {
+            match m {
+                policy::Upstream::Ready => states.push(NotifyState::Ready),
+                policy::Upstream::Reloading => {
+                    states.push(NotifyState::Reloading);
+                    states.extend(monotonic.clone());
+                }
+                policy::Upstream::Stopping => states.push(NotifyState::Stopping),
+                policy::Upstream::Status(s) => states.push(NotifyState::Status(s)),
+            }
+        }
+        self.upstream.send(&states);
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let workers: Vec<_> = self
+            .state
+            .workers
+            .values()
+            .map(|w| {
+                let since = match w.state {
+                    crate::worker::WorkerState::Ready { since, .. } => {
+                        Some(now.duration_since(since).as_secs_f64())
+                    }
+                    _ => None,
+                };
+                serde_json::json!({
+                    "slot": w.slot,
+                    "generation": w.generation,
+                    "pid": w.state.pid(),
+                    "state": w.state.name(),
+                    "ready_for_secs": since,
+                    "restarts": w.restarts,
+                    "status": w.status,
+                })
+            })
+            .collect();
+        let sockets: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let q = l.queue();
+                serde_json::json!({
+                    "name": l.name,
+                    "address": l.address,
+                    "inherited": l.inherited,
+                    "queue": q.map(|q| q.depth),
+                    "backlog": q.map(|q| q.backlog),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": 1,
+            "pid": std::process::id(),
+            "uptime_secs": now.duration_since(self.started).as_secs(),
+            "generation": self.state.serving,
+            "reloading": self.state.starting_generation().filter(|_| self.state.serving.is_some()),
+            "stopping": self.state.stopping,
+            "status": self.state.status_line(),
+            "last_reload": self.state.last_reload,
+            "workers": workers,
+            "sockets": sockets,
+        })
+    }
+}
+
+impl Drop for Supervisor {
+    /// Whatever way nogap leaves, no worker stays behind.
+    fn drop(&mut self) {
+        for w in self.state.workers.values() {
+            if let Some(pid) = w.state.pid() {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}

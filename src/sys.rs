@@ -1,0 +1,347 @@
+//! Every `unsafe` block of nogap lives here, each with a `SAFETY:` note.
+//!
+//! The heart is [`ExecPlan::spawn`]: fork, then in the child only
+//! async-signal-safe system calls on memory prepared before the fork (no
+//! allocation, no locks, no logging), then execve. That is what lets the
+//! worker's `LISTEN_PID` be its own pid, which std's `Command` cannot do.
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use libc::{c_char, c_int};
+use nix::unistd::Pid;
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// Credentials a worker runs with, resolved before fork.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub uid: Option<libc::uid_t>,
+    pub gid: Option<libc::gid_t>,
+    /// Supplementary groups; set only when `gid` is.
+    pub groups: Vec<libc::gid_t>,
+}
+
+/// Per-process settings applied in the child before exec.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessSettings {
+    pub credentials: Credentials,
+    pub chdir: Option<std::path::PathBuf>,
+    pub umask: Option<libc::mode_t>,
+    /// Soft (and, if larger, hard) RLIMIT_NOFILE.
+    pub nofile: Option<u64>,
+}
+
+/// Everything a fork+exec needs, allocated before the fork.
+pub struct ExecPlan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const c_char>,
+    _envp: Vec<CString>,
+    /// `LISTEN_PID=` followed by room for the digits and a NUL, filled in by
+    /// the child with its own pid. Boxed so its address is stable.
+    listen_pid: Box<[u8; 32]>,
+    envp_ptrs: Vec<*const c_char>,
+    /// Sockets in hand-off order: they become fds 3, 4, ... in the child.
+    fds: Vec<RawFd>,
+    /// Scratch for the child's fd shuffle.
+    scratch: Vec<RawFd>,
+    chdir: Option<CString>,
+    settings: ProcessSettings,
+    nofile: libc::rlimit,
+}
+
+impl ExecPlan {
+    /// Prepare a plan. `env` must not contain LISTEN_PID: when `fds` is not
+    /// empty the plan adds it, set to the child's pid.
+    pub fn new(
+        path: &Path,
+        argv: &[OsString],
+        env: &[(OsString, OsString)],
+        fds: &[RawFd],
+        settings: ProcessSettings,
+    ) -> io::Result<ExecPlan> {
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "NUL byte in argument or environment",
+                )
+            })
+        };
+        let path = cstr(path.as_os_str().as_bytes())?;
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<Result<_, _>>()?;
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstr(&kv)
+            })
+            .collect::<Result<_, _>>()?;
+        let mut listen_pid = Box::new([0u8; 32]);
+        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+
+        let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        if !fds.is_empty() {
+            envp_ptrs.push(listen_pid.as_ptr() as *const c_char);
+        }
+        envp_ptrs.push(std::ptr::null());
+        let chdir = match &settings.chdir {
+            Some(d) => Some(cstr(d.as_os_str().as_bytes())?),
+            None => None,
+        };
+        let nofile = settings
+            .nofile
+            .map(nofile_limit)
+            .unwrap_or(libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            });
+        Ok(ExecPlan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _envp: envp,
+            listen_pid,
+            envp_ptrs,
+            fds: fds.to_vec(),
+            scratch: vec![-1; fds.len()],
+            chdir,
+            settings,
+            nofile,
+        })
+    }
+
+    /// Fork and exec. Returns the child's pid once it has exec'd, or the
+    /// error that stopped it (the child is reaped then).
+    pub fn spawn(&mut self) -> io::Result<Pid> {
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the child runs only `child_after_fork`, which makes
+        // async-signal-safe calls on memory prepared before the fork and ends
+        // in execve or _exit. The parent continues normally.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: see above; this never returns.
+            unsafe { self.child_after_fork(wr.as_raw_fd(), parent) }
+        }
+        drop(wr);
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        loop {
+            match nix::unistd::read(rd.as_raw_fd(), &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    if got == buf.len() {
+                        break;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if got == 0 {
+            return Ok(Pid::from_raw(pid));
+        }
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
+    }
+
+    /// The child between fork and exec.
+    ///
+    /// # Safety
+    /// Must be called only in a freshly forked child. Only async-signal-safe
+    /// functions are called; memory is only read, except the pre-allocated
+    /// `listen_pid` and `scratch` buffers (the child's own copies).
+    unsafe fn child_after_fork(&mut self, err_fd: RawFd, parent: libc::pid_t) -> ! {
+        let n = self.fds.len() as c_int;
+        // Keep the error pipe above the range the sockets will occupy.
+        let err_fd = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, 3 + n);
+        if err_fd < 0 {
+            libc::_exit(127);
+        }
+        let fail = |fd: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            libc::write(fd, &errno as *const c_int as *const libc::c_void, 4);
+            libc::_exit(127)
+        };
+
+        // Own process group, default signal mask and dispositions.
+        if libc::setpgid(0, 0) != 0 {
+            fail(err_fd);
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+
+        // Limits and process settings, then credentials (which clear the
+        // parent-death signal, so that comes after).
+        if self.settings.nofile.is_some() && libc::setrlimit(libc::RLIMIT_NOFILE, &self.nofile) != 0
+        {
+            fail(err_fd);
+        }
+        if let Some(mask) = self.settings.umask {
+            libc::umask(mask);
+        }
+        if let Some(dir) = &self.chdir {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                fail(err_fd);
+            }
+        }
+        let creds = &self.settings.credentials;
+        if let Some(gid) = creds.gid {
+            if libc::setgroups(creds.groups.len(), creds.groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+            {
+                fail(err_fd);
+            }
+        }
+        if let Some(uid) = creds.uid {
+            if libc::setuid(uid) != 0 {
+                fail(err_fd);
+            }
+        }
+        // Die with nogap, even if it is SIGKILLed. The signal fires when the
+        // forking *thread* exits: nogap forks from its main thread only.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+
+        // Sockets to 3, 4, ...: first copy them above the target range so no
+        // source is overwritten, then dup2 into place (dup2 clears CLOEXEC).
+        for i in 0..self.fds.len() {
+            let t = libc::fcntl(self.fds[i], libc::F_DUPFD_CLOEXEC, 3 + n);
+            if t < 0 {
+                fail(err_fd);
+            }
+            self.scratch[i] = t;
+        }
+        for i in 0..self.fds.len() {
+            if libc::dup2(self.scratch[i], 3 + i as c_int) < 0 {
+                fail(err_fd);
+            }
+        }
+        // Nothing else of nogap's crosses exec: everything above the sockets
+        // becomes close-on-exec (including the scratch copies).
+        if libc::syscall(
+            libc::SYS_close_range,
+            (3 + n) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            fail(err_fd);
+        }
+
+        if n > 0 {
+            write_pid(
+                &mut self.listen_pid[LISTEN_PID_PREFIX.len()..],
+                libc::getpid(),
+            );
+        }
+        libc::execve(
+            self.path.as_ptr(),
+            self.argv_ptrs.as_ptr(),
+            self.envp_ptrs.as_ptr(),
+        );
+        fail(err_fd)
+    }
+}
+
+/// Decimal digits of `pid` and a NUL into `buf`, without allocating.
+fn write_pid(buf: &mut [u8], pid: libc::pid_t) {
+    let mut digits = [0u8; 12];
+    let mut len = 0;
+    let mut v = pid as u32;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    buf[len] = 0;
+}
+
+fn nofile_limit(n: u64) -> libc::rlimit {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+    libc::rlimit {
+        rlim_cur: n,
+        rlim_max: cur.rlim_max.max(n),
+    }
+}
+
+/// Accept-queue length and backlog of a TCP listener (`TCP_INFO`).
+pub fn tcp_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, pointer and length for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// Make nogap the reaper of its workers' orphans (double-forking servers).
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_digits() {
+        let mut b = [0xffu8; 16];
+        write_pid(&mut b, 4194304);
+        assert_eq!(&b[..8], b"4194304\0");
+        write_pid(&mut b, 7);
+        assert_eq!(&b[..2], b"7\0");
+    }
+}
