@@ -92,6 +92,44 @@ pub struct RunArgs {
     #[arg(long)]
     pub check: bool,
 
+    /// How often nogap samples each TCP socket's accept queue.
+    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = config::parse_duration,
+          help_heading = "Health")]
+    pub health_interval: Duration,
+
+    /// A queue that stays non-empty while nobody accepts from it for this long is
+    /// stalled: a replacement worker starts, then the stalled one drains. 0 = off.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = config::parse_duration,
+          help_heading = "Health")]
+    pub stall_timeout: Duration,
+
+    /// Workers must send WATCHDOG=1 at least this often (they get WATCHDOG_USEC);
+    /// a silent worker is replaced. Off by default.
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, help_heading = "Health")]
+    pub worker_watchdog: Option<Duration>,
+
+    /// Replace a worker whose open descriptors reach PCT% of its RLIMIT_NOFILE
+    /// soft limit, before accept fails with EMFILE. 0 = off.
+    #[arg(long, value_name = "PCT", default_value = "90",
+          value_parser = clap::value_parser!(u8).range(0..=100), help_heading = "Health")]
+    pub fd_high: u8,
+
+    /// At most N health replacements per minute; past that nogap reports itself
+    /// unhealthy (logs, STATUS=) instead of replacing more.
+    #[arg(long, value_name = "N", default_value = "5", help_heading = "Health")]
+    pub max_replacements: u32,
+
+    /// Stop pinging systemd's watchdog (WatchdogSec=) while unhealthy, so that
+    /// systemd restarts nogap; the socket unit or the fd store keeps the port.
+    #[arg(long, help_heading = "Health")]
+    pub watchdog_follows_health: bool,
+
+    /// Hand the sockets nogap binds to systemd's fd store (FDSTORE=1, FDNAME=) and
+    /// take them back by name on start, so a restart of nogap keeps the port open.
+    /// Needs FileDescriptorStoreMax= in the unit.
+    #[arg(long)]
+    pub fd_store: bool,
+
     /// The server to run, and its arguments (after `--`).
     #[arg(
         value_name = "COMMAND",

@@ -93,6 +93,21 @@ pub struct RunConfig {
     pub start_timeout: Duration,
     pub stop: StopPolicy,
     pub command: CommandSpec,
+    pub health: HealthConfig,
+    pub fd_store: bool,
+}
+
+/// Accept-health monitoring (see `health`).
+#[derive(Clone, Copy, Debug)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    /// None: the queue check is off.
+    pub stall_timeout: Option<Duration>,
+    pub worker_watchdog: Option<Duration>,
+    /// Percent of RLIMIT_NOFILE; None: off.
+    pub fd_high: Option<u8>,
+    pub max_replacements: u32,
+    pub watchdog_follows_health: bool,
 }
 
 impl RunConfig {
@@ -129,6 +144,15 @@ impl RunConfig {
                 path,
                 argv: args.command.clone(),
             },
+            health: HealthConfig {
+                interval: args.health_interval.max(Duration::from_millis(10)),
+                stall_timeout: Some(args.stall_timeout).filter(|d| !d.is_zero()),
+                worker_watchdog: args.worker_watchdog.filter(|d| !d.is_zero()),
+                fd_high: Some(args.fd_high).filter(|p| *p > 0),
+                max_replacements: args.max_replacements,
+                watchdog_follows_health: args.watchdog_follows_health,
+            },
+            fd_store: args.fd_store,
         })
     }
 }

@@ -15,6 +15,8 @@
 //! * [`sockets`]: binding, inheriting and validating the listening sockets.
 //! * [`sys`]: every `unsafe` block: fork/exec with the fd hand-off, TCP_INFO.
 //! * [`worker`]: a worker's state; [`policy`]: state × event → actions.
+//! * [`health`]: accept-queue stall detection and fd-exhaustion checks.
+//! * [`diag`]: which accept-queue connections wait (sock_diag), for progress.
 //! * [`notify`]: per-worker notify sockets and nogap's own sd_notify.
 //! * [`supervisor`]: the event loop that executes the policy's actions.
 //! * [`error`]: fatal errors and the exit-code table.
@@ -22,7 +24,9 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod diag;
 pub mod error;
+pub mod health;
 pub mod notify;
 pub mod policy;
 pub mod sockets;

@@ -62,7 +62,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
 
 fn run(args: RunArgs, env: Environment) -> Result<(), Error> {
     let config = RunConfig::from_args(&args, env.get("PATH"))?;
-    let inherited = sockets::take_inherited()?;
+    let inherited = sockets::take_inherited(args.fd_store)?;
     if args.check {
         let n = inherited.len() + config.listen.len();
         println!(

@@ -13,6 +13,8 @@
 //! | a draining worker exits | forgotten |
 //! | drain timeout | SIGKILL to the worker's process group |
 //! | Stop | stop signal to every worker; exit once all are gone |
+//! | a queue stalls, a worker misses its watchdog or nears its fd limit | a replacement starts in its slot; once ready, the unhealthy worker drains (at most `max_replacements` per `window`, one at a time) |
+//! | replacements exhausted while still unhealthy | say so (logs, STATUS=); `healthy()` turns false until the queues move again |
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -33,6 +35,27 @@ pub struct Settings {
     pub start_timeout: Duration,
     pub stop: StopPolicy,
     pub backoff: Backoff,
+    pub health: HealthSettings,
+}
+
+/// How unhealthy workers are replaced.
+#[derive(Clone, Copy, Debug)]
+pub struct HealthSettings {
+    /// Ready workers must send `WATCHDOG=1` at least this often.
+    pub worker_watchdog: Option<Duration>,
+    /// At most this many health replacements per `window`.
+    pub max_replacements: u32,
+    pub window: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            worker_watchdog: None,
+            max_replacements: 5,
+            window: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Restart backoff: none for the first failure, then `base` doubling up to
@@ -87,6 +110,19 @@ pub enum Event {
         worker: WorkerId,
         messages: Vec<Message>,
     },
+    /// Nobody has accepted from this socket's queue for the stall timeout.
+    QueueStalled {
+        socket: String,
+        depth: u32,
+    },
+    QueueRecovered {
+        socket: String,
+    },
+    /// A health check found this worker unfit (e.g. near its fd limit).
+    Unhealthy {
+        worker: WorkerId,
+        reason: String,
+    },
     /// A deadline may have passed.
     Tick,
 }
@@ -98,6 +134,8 @@ pub enum Upstream {
     Reloading,
     Stopping,
     Status(String),
+    /// Ask systemd for this much more time (a generation is starting).
+    ExtendTimeout(Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,6 +195,12 @@ pub struct State {
     /// Consecutive quick failures per slot of the serving generation.
     failures: BTreeMap<u32, u32>,
     pub last_reload: Option<ReloadOutcome>,
+    /// Sockets whose queue is stalled now.
+    pub stalled: std::collections::BTreeSet<String>,
+    /// When health replacements were started (within the window).
+    replacements: std::collections::VecDeque<Instant>,
+    /// Replacing did not help: still unhealthy with no replacements left.
+    pub gave_up: bool,
 }
 
 impl State {
@@ -173,6 +217,9 @@ impl State {
             exited: false,
             failures: BTreeMap::new(),
             last_reload: None,
+            stalled: Default::default(),
+            replacements: Default::default(),
+            gave_up: false,
         }
     }
 
@@ -187,10 +234,28 @@ impl State {
 
     /// When `handle(Tick)` next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let pings = self.workers.values().filter_map(|w| self.ping_deadline(w));
         self.workers
             .values()
             .filter_map(|w| w.state.deadline())
+            .chain(pings)
             .min()
+    }
+
+    /// When a ready worker with a watchdog must have pinged by.
+    fn ping_deadline(&self, w: &Worker) -> Option<Instant> {
+        let period = self.settings.health.worker_watchdog?;
+        match w.state {
+            WorkerState::Ready { since, .. } if w.unhealthy.is_none() => {
+                Some(w.last_ping.map_or(since, |p| p.max(since)) + period)
+            }
+            _ => None,
+        }
+    }
+
+    /// False while a health problem persists that replacing could not fix.
+    pub fn healthy(&self) -> bool {
+        !self.gave_up
     }
 
     pub fn worker_by_pid(&self, pid: i32) -> Option<&Worker> {
@@ -221,6 +286,17 @@ impl State {
                     self.notified(worker, m, now, &mut out);
                 }
             }
+            Event::QueueStalled { socket, depth } => {
+                self.stalled.insert(socket.clone());
+                self.queue_stalled(&socket, depth, now, &mut out);
+            }
+            Event::QueueRecovered { socket } => {
+                if self.stalled.remove(&socket) {
+                    tracing::info!(socket = %socket, "accept queue moving again");
+                }
+                self.maybe_clear_gave_up(&mut out);
+            }
+            Event::Unhealthy { worker, reason } => self.unhealthy(worker, reason, now, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         if self.stopping && self.workers.is_empty() && !self.exited {
@@ -259,17 +335,20 @@ impl State {
             generation,
             waiters,
         });
+        let extend = Upstream::ExtendTimeout(self.settings.start_timeout + Duration::from_secs(5));
         if self.serving.is_some() {
             tracing::info!(generation, "reload started");
             out.push(Action::Upstream(vec![
                 Upstream::Reloading,
+                extend,
                 Upstream::Status(self.status_line()),
             ]));
         } else {
             tracing::info!(generation, workers = self.settings.workers, "starting");
+            out.push(Action::Upstream(vec![extend]));
         }
         for slot in 0..self.settings.workers {
-            self.add_worker(generation, slot, 0, now, now);
+            self.add_worker(generation, slot, 0, now, None);
         }
         self.tick(now, out);
     }
@@ -280,8 +359,8 @@ impl State {
         slot: u32,
         restarts: u32,
         until: Instant,
-        _now: Instant,
-    ) {
+        replaces: Option<WorkerId>,
+    ) -> WorkerId {
         let id = self.next_id;
         self.next_id += 1;
         self.workers.insert(
@@ -295,8 +374,12 @@ impl State {
                 restarts,
                 status: None,
                 last_ping: None,
+                unhealthy: None,
+                replaced_by: None,
+                replaces,
             },
         );
+        id
     }
 
     /// Every slot of the starting generation has a ready worker: it serves.
@@ -418,6 +501,19 @@ impl State {
             pid,
             "worker ready"
         );
+        if let Some(old) = w.replaces.take() {
+            if let Some(o) = self.workers.get(&old) {
+                let old_pid = o.state.pid().unwrap_or(0);
+                tracing::info!(
+                    worker = o.slot,
+                    generation = o.generation,
+                    old_pid,
+                    pid,
+                    "unhealthy worker replaced"
+                );
+            }
+            self.stop_worker(old, now, out);
+        }
         self.maybe_commit(now, out);
     }
 
@@ -454,6 +550,24 @@ impl State {
         if self.stopping {
             return;
         }
+        // A health replacement that failed: the old worker stays; the health
+        // checks will try again (rate-limited).
+        if let Some(old) = w.replaces {
+            tracing::error!(worker = w.slot, generation = w.generation, %reason, "replacement worker failed");
+            if let Some(o) = self.workers.get_mut(&old) {
+                o.replaced_by = None;
+                o.unhealthy = None;
+            }
+            return;
+        }
+        // An unhealthy worker that died while its replacement starts: the
+        // replacement fills the slot.
+        if let Some(new) = w.replaced_by {
+            if let Some(n) = self.workers.get_mut(&new) {
+                n.replaces = None;
+                return;
+            }
+        }
         let reloading = self.serving.is_some() && self.starting_generation() == Some(w.generation);
         if reloading {
             self.abort_reload(reason, now, out);
@@ -479,7 +593,7 @@ impl State {
             restarts = w.restarts + 1,
             "restart scheduled"
         );
-        self.add_worker(w.generation, w.slot, w.restarts + 1, now + delay, now);
+        self.add_worker(w.generation, w.slot, w.restarts + 1, now + delay, None);
     }
 
     /// Ask a worker to leave: stop signal, SIGKILL later. A worker that has
@@ -575,6 +689,17 @@ impl State {
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let silent: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| self.ping_deadline(w).is_some_and(|d| d <= now))
+            .map(|w| w.id)
+            .collect();
+        for id in silent {
+            let period = self.settings.health.worker_watchdog.unwrap_or_default();
+            let reason = format!("no WATCHDOG=1 for {}", humantime::format_duration(period));
+            self.unhealthy(id, reason, now, out);
+        }
         let due: Vec<(WorkerId, WorkerState)> = self
             .workers
             .values()
@@ -657,7 +782,113 @@ impl State {
             }
             None => {}
         }
+        if !self.stalled.is_empty() {
+            let names: Vec<&str> = self.stalled.iter().map(|s| s.as_str()).collect();
+            s.push_str(&format!("; accept queue stalled: {}", names.join(", ")));
+        }
+        if self.gave_up {
+            s.push_str("; UNHEALTHY: replacing workers did not help");
+        }
         s
+    }
+
+    // ---- health ----------------------------------------------------------------
+
+    /// A queue nobody accepts from: replace the worker that is most likely at
+    /// fault. With one worker that is the one; with several, nogap cannot
+    /// tell which one stopped accepting, so it replaces the longest-running
+    /// one, one at a time, until the queue moves again.
+    fn queue_stalled(&mut self, socket: &str, depth: u32, now: Instant, out: &mut Vec<Action>) {
+        tracing::warn!(socket = %socket, depth, "accept queue stalled: nobody is accepting");
+        let Some(serving) = self.serving else { return };
+        if self.starting.is_some() {
+            return; // a new generation is about to take over anyway
+        }
+        let candidate = self
+            .workers
+            .values()
+            .filter(|w| w.generation == serving && w.replaced_by.is_none() && w.replaces.is_none())
+            .filter_map(|w| match w.state {
+                WorkerState::Ready { since, .. } => Some((since, w.id)),
+                _ => None,
+            })
+            .min();
+        match candidate {
+            Some((_, id)) => {
+                let reason = format!("accept queue of '{socket}' stalled with {depth} waiting");
+                self.unhealthy(id, reason, now, out);
+            }
+            None => {
+                self.give_up_if_exhausted(now, "accept queue stalled", out);
+            }
+        }
+    }
+
+    fn unhealthy(&mut self, id: WorkerId, reason: String, now: Instant, out: &mut Vec<Action>) {
+        let serving = self.serving;
+        let starting = self.starting.is_some();
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if serving != Some(w.generation)
+            || starting
+            || !matches!(w.state, WorkerState::Ready { .. })
+        {
+            return;
+        }
+        if w.replaced_by.is_some() || w.replaces.is_some() {
+            return;
+        }
+        let (slot, generation, pid) = (w.slot, w.generation, w.state.pid().unwrap_or(0));
+        w.unhealthy = Some(reason.clone());
+        if self.workers.values().any(|w| w.replaces.is_some()) {
+            return; // one replacement at a time
+        }
+        if self.give_up_if_exhausted(now, &reason, out) {
+            return;
+        }
+        self.replacements.push_back(now);
+        tracing::warn!(worker = slot, generation, pid, %reason, "replacing unhealthy worker");
+        let new = self.add_worker(generation, slot, 0, now, Some(id));
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.replaced_by = Some(new);
+        }
+        self.tick(now, out);
+    }
+
+    /// True (and loud, once) when the replacement budget of the window is spent.
+    fn give_up_if_exhausted(&mut self, now: Instant, reason: &str, out: &mut Vec<Action>) -> bool {
+        let window = self.settings.health.window;
+        while self
+            .replacements
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            self.replacements.pop_front();
+        }
+        let max = self.settings.health.max_replacements;
+        if self.replacements.len() < max as usize {
+            return false;
+        }
+        if !self.gave_up {
+            self.gave_up = true;
+            tracing::error!(
+                %reason,
+                max,
+                window = %humantime::format_duration(window),
+                "UNHEALTHY: replacing workers does not help; no more replacements in this window"
+            );
+            out.push(Action::Upstream(vec![Upstream::Status(self.status_line())]));
+        }
+        true
+    }
+
+    fn maybe_clear_gave_up(&mut self, out: &mut Vec<Action>) {
+        if self.gave_up && self.stalled.is_empty() {
+            self.gave_up = false;
+            tracing::info!("healthy again");
+            out.push(Action::Upstream(vec![Upstream::Status(self.status_line())]));
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Listener {
     /// True for TCP listeners, which have a readable accept queue.
     pub tcp: bool,
     pub inherited: bool,
+    /// The local IP address and port, for TCP and UDP.
+    pub local: Option<SocketAddr>,
     fd: OwnedFd,
 }
 
@@ -81,14 +83,46 @@ impl Listener {
 
 /// Take the sockets systemd (or systemd-socket-activate) passed to nogap.
 /// Returns none when LISTEN_FDS is not addressed to this process.
-pub fn take_inherited() -> Result<Vec<Listener>, Error> {
+///
+/// An fd that is not a usable socket is an error, except with `from_store`
+/// (nogap uses systemd's fd store): then it is logged, dropped from the store,
+/// and nogap binds afresh, rather than never starting again.
+pub fn take_inherited(from_store: bool) -> Result<Vec<Listener>, Error> {
     let fds = sd_notify::listen_fds_with_names()
         .map_err(|e| Error::Inherited(format!("bad LISTEN_FDS/LISTEN_FDNAMES: {e}")))?;
     let mut out = Vec::new();
     for (raw, name) in fds {
-        out.push(validate_inherited(raw, name)?);
+        match validate_inherited(raw, name.clone()) {
+            Ok(l) => out.push(l),
+            Err(e) if from_store => {
+                tracing::error!(fd = raw, socket = %name, error = %e, "dropping unusable fd from the fd store");
+                let _ = nix::unistd::close(raw);
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::Custom("FDSTOREREMOVE=1"),
+                    sd_notify::NotifyState::FdName(&name),
+                ]);
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
+}
+
+/// Give the sockets nogap bound itself to systemd's fd store, so that they
+/// survive a restart of nogap (they come back as LISTEN_FDS, by name).
+pub fn store(listeners: &[Listener]) {
+    for l in listeners.iter().filter(|l| !l.inherited) {
+        let states = [
+            sd_notify::NotifyState::FdStore,
+            sd_notify::NotifyState::FdName(&l.name),
+        ];
+        match sd_notify::notify_with_fds(&states, &[l.fd.as_fd()]) {
+            Ok(()) => tracing::info!(socket = %l.name, "socket stored in systemd's fd store"),
+            Err(e) => {
+                tracing::warn!(socket = %l.name, error = %e, "cannot store socket in systemd's fd store")
+            }
+        }
+    }
 }
 
 fn validate_inherited(raw: RawFd, name: String) -> Result<Listener, Error> {
@@ -125,6 +159,7 @@ fn validate_inherited(raw: RawFd, name: String) -> Result<Listener, Error> {
         kind,
         tcp,
         inherited: true,
+        local: local.as_socket(),
         fd,
     })
 }
@@ -167,6 +202,7 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
         kind,
         tcp,
         inherited: false,
+        local: local.as_socket(),
         fd: sock.into(),
     })
 }
@@ -205,24 +241,32 @@ fn bind_unix(path: &Path) -> io::Result<Socket> {
     Ok(sock)
 }
 
-/// All sockets for a run: inherited first (in LISTEN_FDS order), then
-/// `--listen` in command-line order. Names must be unique.
+/// All sockets for a run: inherited ones first (in LISTEN_FDS order), then
+/// `--listen` in command-line order. A `--listen` whose name matches an
+/// inherited socket with the same address takes that socket instead of
+/// binding (that is how sockets come back from systemd's fd store).
 pub fn open_all(
     inherited: Vec<Listener>,
     specs: &[ListenSpec],
     backlog: i32,
     reuseport: bool,
 ) -> Result<Vec<Listener>, Error> {
-    let mut all = inherited;
+    let mut inherited = inherited;
+    let mut own = Vec::new();
     for spec in specs {
-        if all.iter().any(|l| l.name == spec.name) {
-            return Err(Error::Usage(format!(
-                "socket name '{}' is already used by an inherited socket",
-                spec.name
-            )));
+        if let Some(i) = inherited.iter().position(|l| l.name == spec.name) {
+            let l = inherited.remove(i);
+            if l.address == spec.address.to_string() {
+                tracing::info!(socket = %l.name, addr = %l.address, "taking the inherited socket back");
+                own.push(l);
+                continue;
+            }
+            tracing::warn!(socket = %l.name, inherited = %l.address, wanted = %spec.address, "inherited socket has another address; binding afresh");
         }
-        all.push(bind(spec, backlog, reuseport)?);
+        own.push(bind(spec, backlog, reuseport)?);
     }
+    let mut all = inherited;
+    all.extend(own);
     if all.is_empty() {
         return Err(Error::Usage(
             "no sockets: give --listen ADDR, or start nogap with LISTEN_FDS (socket activation)"

@@ -18,8 +18,9 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::RunConfig;
+use crate::config::{HealthConfig, RunConfig};
 use crate::error::Error;
+use crate::health::{QueueWatch, Verdict};
 use crate::notify::{Message, Upstream, WorkerSocket};
 use crate::policy::{self, Action, Event, Settings, State, WaiterId};
 use crate::sockets::Listener;
@@ -60,6 +61,17 @@ impl Environment {
             .filter(|(k, _)| !OWN_VARS.iter().any(|o| k == o))
             .cloned()
             .collect()
+    }
+
+    /// systemd's watchdog period for nogap, if it is addressed to nogap.
+    pub fn watchdog(&self) -> Option<std::time::Duration> {
+        let usec: u64 = self.get("WATCHDOG_USEC")?.to_str()?.parse().ok()?;
+        if let Some(pid) = self.get("WATCHDOG_PID") {
+            if pid.to_str()?.parse::<u32>().ok()? != std::process::id() {
+                return None;
+            }
+        }
+        Some(std::time::Duration::from_micros(usec)).filter(|d| !d.is_zero())
     }
 
     /// Where nogap keeps its runtime files (notify sockets, control socket).
@@ -157,7 +169,16 @@ pub async fn run(
         start_timeout: config.start_timeout,
         stop: config.stop,
         backoff: policy::Backoff::default(),
+        health: policy::HealthSettings {
+            worker_watchdog: config.health.worker_watchdog,
+            max_replacements: config.health.max_replacements,
+            ..Default::default()
+        },
     };
+    let health = config.health;
+    if config.fd_store {
+        crate::sockets::store(&listeners);
+    }
     let fds = crate::sockets::raw_fds(&listeners);
     let fdnames = listeners
         .iter()
@@ -182,6 +203,17 @@ pub async fn run(
     };
     for l in &sup.listeners {
         tracing::info!(socket = %l.name, addr = %l.address, inherited = l.inherited, "listening");
+    }
+
+    let mut watches = Watches::new(&sup.listeners, &health);
+    let mut health_tick = tokio::time::interval(health.interval);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Pinged from this loop only, so a wedged nogap stops pinging.
+    let watchdog = env.watchdog();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(std::time::Duration::from_secs(3600), |d| d / 2));
+    if let Some(d) = watchdog {
+        tracing::info!(period = %humantime::format_duration(d), "systemd watchdog enabled");
     }
 
     if sup.process(Event::Start) {
@@ -227,7 +259,21 @@ pub async fn run(
                     continue;
                 }
             },
-            () = sleep => Event::Tick,
+                        () = sleep => Event::Tick,
+            _ = health_tick.tick() => {
+                if sup.check_health(&mut watches) {
+                    return Ok(());
+                }
+                continue;
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                if !health.watchdog_follows_health || sup.state.healthy() {
+                    sup.upstream.send(&[NotifyState::Watchdog]);
+                } else {
+                    tracing::warn!("unhealthy: not pinging systemd's watchdog");
+                }
+                continue;
+            }
         };
         if sup.process(event) {
             return Ok(());
@@ -310,6 +356,9 @@ impl Supervisor {
         env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
         env.push(("NOGAP_GENERATION".into(), generation.to_string().into()));
         env.push(("NOGAP_WORKER".into(), slot.to_string().into()));
+        if let Some(d) = self.config.health.worker_watchdog {
+            env.push(("WATCHDOG_USEC".into(), d.as_micros().to_string().into()));
+        }
         let cmd = &self.config.command;
         let mut plan = ExecPlan::new(
             &cmd.path,
@@ -341,9 +390,64 @@ impl Supervisor {
                 }
                 policy::Upstream::Stopping => states.push(NotifyState::Stopping),
                 policy::Upstream::Status(s) => states.push(NotifyState::Status(s)),
+                policy::Upstream::ExtendTimeout(d) => {
+                    let usec = d.as_micros().min(u32::MAX as u128) as u32;
+                    states.push(NotifyState::ExtendTimeoutUsec(usec));
+                }
             }
         }
         self.upstream.send(&states);
+    }
+
+    /// One health round: sample every watched queue, and (less often) every
+    /// serving worker's descriptors. True when nogap is done.
+    fn check_health(&mut self, watches: &mut Watches) -> bool {
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for (i, watch) in watches.queues.iter_mut() {
+            let l = &self.listeners[*i];
+            let Some(q) = l.queue() else { continue };
+            let queued = match (q.depth, l.local) {
+                (0, _) | (_, None) => None,
+                (_, Some(addr)) => crate::diag::queued(addr).ok(),
+            };
+            match watch.sample(now, q.depth, queued.as_deref()) {
+                Verdict::Stalled { depth } => events.push(Event::QueueStalled {
+                    socket: l.name.clone(),
+                    depth,
+                }),
+                Verdict::Recovered => events.push(Event::QueueRecovered {
+                    socket: l.name.clone(),
+                }),
+                Verdict::Quiet => {}
+            }
+        }
+        watches.round += 1;
+        if let Some(pct) = watches
+            .fd_high
+            .filter(|_| watches.round % watches.fd_every == 0)
+        {
+            for w in self.state.workers.values() {
+                let crate::worker::WorkerState::Ready { pid, .. } = w.state else {
+                    continue;
+                };
+                if w.replaced_by.is_some() || w.unhealthy.is_some() {
+                    continue;
+                }
+                let Some((open, limit)) = crate::health::fd_usage(pid) else {
+                    continue;
+                };
+                if limit > 0 && open * 100 >= limit * pct as u64 {
+                    let reason =
+                        format!("{open} of {limit} file descriptors open (--fd-high {pct}%)");
+                    events.push(Event::Unhealthy {
+                        worker: w.id,
+                        reason,
+                    });
+                }
+            }
+        }
+        events.into_iter().any(|e| self.process(e))
     }
 
     fn status_json(&self) -> serde_json::Value {
@@ -396,6 +500,37 @@ impl Supervisor {
             "workers": workers,
             "sockets": sockets,
         })
+    }
+}
+
+/// What the health rounds keep between rounds.
+struct Watches {
+    /// (index into the listeners, its queue history), for TCP listeners.
+    queues: Vec<(usize, QueueWatch)>,
+    fd_high: Option<u8>,
+    /// Check descriptors every this many rounds (about once a second).
+    fd_every: u64,
+    round: u64,
+}
+
+impl Watches {
+    fn new(listeners: &[Listener], health: &HealthConfig) -> Watches {
+        let queues = match health.stall_timeout {
+            Some(t) => listeners
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.tcp)
+                .map(|(i, _)| (i, QueueWatch::new(t)))
+                .collect(),
+            None => Vec::new(),
+        };
+        let per_second = (1000 / health.interval.as_millis().max(1)).max(1) as u64;
+        Watches {
+            queues,
+            fd_high: health.fd_high,
+            fd_every: per_second,
+            round: 0,
+        }
     }
 }
 

@@ -20,6 +20,12 @@ pub struct Worker {
     pub status: Option<String>,
     /// The last `WATCHDOG=1` it sent.
     pub last_ping: Option<Instant>,
+    /// Why the health checks gave up on it, if they did.
+    pub unhealthy: Option<String>,
+    /// The worker started to take this one's place (health replacement).
+    pub replaced_by: Option<WorkerId>,
+    /// The unhealthy worker this one takes the place of, once ready.
+    pub replaces: Option<WorkerId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

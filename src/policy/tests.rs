@@ -13,6 +13,7 @@ fn settings(workers: u32, ready: ReadyMode) -> Settings {
             grace: Duration::from_secs(3),
         },
         backoff: Backoff::default(),
+        health: HealthSettings::default(),
     }
 }
 
