@@ -87,7 +87,8 @@ Examples:
 )]
 pub struct Args {
     /// Bind ADDR and serve it: HOST:PORT or tcp:HOST:PORT (TCP, SO_REUSEADDR),
-    /// udp:HOST:PORT, unix:PATH. Repeatable.
+    /// udp:HOST:PORT, unix:PATH (PATH must not exist; it is left behind).
+    /// Repeatable.
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<ListenSpec>,
 
@@ -139,7 +140,8 @@ pub struct Knobs {
     pub stall_accept_after: Option<Duration>,
 
     /// Also bind ADDR (HOST:PORT, TCP) and answer every request there with
-    /// 200 'ok\n', even when stalled or draining. Not affected by drain.
+    /// 200 'ok\n' until exit, also while starting, stalled or draining (its
+    /// connections do not hold up the exit). Not a shared socket.
     #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
     pub health: Option<SocketAddr>,
 
