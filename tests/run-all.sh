@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up and run nogap's whole test suite (unit, integration, real servers,
+# real systemd in systemd-nspawn containers). Needs root and Debian.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in debootstrap systemd-container curl iproute2 ca-certificates; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    echo "setup: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [[ -x tests/setup-servers.sh ]]; then
+    bash tests/setup-servers.sh
+fi
+
+export CARGO_TERM_COLOR=never
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo build --all-targets --quiet
+cargo test --all-targets -- --test-threads="${NOGAP_TEST_THREADS:-2}"
