@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use proc::{demo_bin, field, nogap_bin, LogPattern, Nogap};
+pub use proc::{demo_bin, field, nogap_bin, nogap_command, LogPattern, Nogap};
 
 /// Deadline for anything that should happen "soon" on a loaded 2-core box.
 pub const LONG: Duration = Duration::from_secs(30);

@@ -8,6 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -26,6 +27,14 @@ pub fn nogap_bin() -> &'static str {
 /// Path of the demo worker.
 pub fn demo_bin() -> &'static str {
     env!("CARGO_BIN_EXE_nogap-demo")
+}
+
+/// `nogap run` with `RUNTIME_DIRECTORY` set to a directory of the test, so
+/// that parallel tests never share nogap's default control socket path.
+pub fn nogap_command(runtime_dir: &Path) -> Command {
+    let mut cmd = Command::new(nogap_bin());
+    cmd.arg("run").env("RUNTIME_DIRECTORY", runtime_dir);
+    cmd
 }
 
 /// A log line pattern: words without `=` form the message, which must occur
@@ -123,13 +132,41 @@ fn unquote(v: &str) -> String {
     }
 }
 
+/// True for a token that starts a field: `ident=...`.
+fn is_field_start(token: &str) -> bool {
+    match token.split_once('=') {
+        Some((k, _)) => {
+            !k.is_empty()
+                && k.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        }
+        None => false,
+    }
+}
+
 /// The value of field `key` in a `LEVEL message key=value...` line, unquoted.
+/// An unquoted value runs up to the next `key=` token, so a logger that
+/// prints `reason=worker 0 exited with status 3` unquoted is read whole.
 pub fn field(line: &str, key: &str) -> Option<String> {
-    tokens(line).into_iter().find_map(|t| {
-        t.split_once('=')
-            .filter(|(k, _)| *k == key)
-            .map(|(_, v)| unquote(v))
-    })
+    let toks = tokens(line);
+    let start = toks
+        .iter()
+        .position(|t| is_field_start(t) && t.split_once('=').is_some_and(|(k, _)| k == key))?;
+    let first = toks[start].split_once('=').map(|(_, v)| v).unwrap_or("");
+    if first.starts_with('"') {
+        return Some(unquote(first));
+    }
+    let mut value = vec![first.to_string()];
+    value.extend(
+        toks[start + 1..]
+            .iter()
+            .take_while(|t| !is_field_start(t))
+            .cloned(),
+    );
+    Some(value.join(" ").trim().to_string())
 }
 
 /// Strips ANSI colour sequences (in case the logger colours its output).
@@ -175,10 +212,10 @@ pub struct Nogap {
 }
 
 impl Nogap {
-    /// Starts `nogap run ARGS...`.
-    pub fn run<S: AsRef<OsStr>>(args: &[S]) -> Nogap {
-        let mut cmd = Command::new(nogap_bin());
-        cmd.arg("run").args(args);
+    /// Starts `nogap run ARGS...` with [`nogap_command`].
+    pub fn run<S: AsRef<OsStr>>(runtime_dir: &Path, args: &[S]) -> Nogap {
+        let mut cmd = nogap_command(runtime_dir);
+        cmd.args(args);
         Nogap::spawn("nogap", cmd)
     }
 

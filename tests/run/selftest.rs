@@ -192,3 +192,31 @@ fn client_reads_close_delimited_http10_body() {
     }
     assert_eq!(client.connects, 3);
 }
+
+#[test]
+fn log_patterns_and_fields() {
+    use crate::common::{field, LogPattern};
+    let line = "2026-11-22T10:26:45.237060Z ERROR reload failed generation=2 \
+                reason=worker 0 (pid 9425) exited with status 3 before it was ready";
+    assert_eq!(field(line, "generation").as_deref(), Some("2"));
+    assert_eq!(
+        field(line, "reason").as_deref(),
+        Some("worker 0 (pid 9425) exited with status 3 before it was ready")
+    );
+    assert_eq!(field(line, "pid"), None);
+    assert!(LogPattern::parse("reload failed generation=2").matches(line));
+    assert!(!LogPattern::parse("reload failed generation=20").matches(line));
+    assert!(!LogPattern::parse("reload started").matches(line));
+    assert!(LogPattern::parse("reload failed reason=*").matches(line));
+
+    let quoted = r#"INFO worker exited pid=7 status="signal: 9 (SIGKILL)" worker=0"#;
+    assert_eq!(
+        field(quoted, "status").as_deref(),
+        Some("signal: 9 (SIGKILL)")
+    );
+    assert_eq!(field(quoted, "worker").as_deref(), Some("0"));
+    assert!(LogPattern::parse("worker exited pid=7").matches(quoted));
+    assert!(!LogPattern::parse("worker exited pid=70").matches(quoted));
+    // A message only matches at word boundaries.
+    assert!(!LogPattern::parse("generation ready").matches("INFO regeneration ready"));
+}

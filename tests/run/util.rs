@@ -1,0 +1,127 @@
+//! Fixtures shared by the topic modules: scratch directories, nogap running
+//! the demo, wrapper scripts that change the worker between generations.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tempfile::TempDir;
+
+use crate::common::load::{Load, LoadConfig, Mode};
+use crate::common::{demo_bin, field, Nogap, LONG};
+
+/// A fresh directory for one test (runtime dir, scripts, reports).
+pub fn scratch() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("nogap-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// `nogap run -l web=ADDR --ready notify NOGAP_ARGS -- WORKER...`, waiting
+/// for `generation ready generation=1`.
+pub fn start(dir: &Path, addr: SocketAddr, nogap_args: &[&str], worker: &[&str]) -> Nogap {
+    let listen = format!("web={addr}");
+    let mut args = vec!["-l", &listen, "--ready", "notify"];
+    args.extend_from_slice(nogap_args);
+    args.push("--");
+    args.extend_from_slice(worker);
+    let nogap = Nogap::run(dir, &args);
+    nogap.wait_for_log("generation ready generation=1", LONG);
+    nogap
+}
+
+/// [`start`] with the demo as worker.
+pub fn start_demo(dir: &Path, addr: SocketAddr, nogap_args: &[&str], demo_args: &[&str]) -> Nogap {
+    let mut worker = vec![demo_bin()];
+    worker.extend_from_slice(demo_args);
+    start(dir, addr, nogap_args, &worker)
+}
+
+/// Writes an executable `#!/bin/sh` script `DIR/NAME` whose body can use
+/// `$DEMO` (the demo binary) and `$DIR` (the scratch directory). A script
+/// must `exec` the demo, so the worker pid (and LISTEN_PID) stay its own.
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    let text = format!(
+        "#!/bin/sh\nDEMO='{}'\nDIR='{}'\n{body}\n",
+        demo_bin(),
+        dir.display()
+    );
+    std::fs::write(&path, text).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// A worker script that runs `$DEMO $(cat $DIR/mode-args)`: tests change the
+/// next generation's behaviour by writing demo arguments to that file.
+pub fn switchable_worker(dir: &Path) -> PathBuf {
+    script(
+        dir,
+        "worker.sh",
+        r#"args=$(cat "$DIR/mode-args" 2>/dev/null)
+exec "$DEMO" $args"#,
+    )
+}
+
+/// Sets the arguments the next worker of a [`switchable_worker`] gets.
+pub fn set_worker_args(dir: &Path, args: &str) {
+    let tmp = dir.join("mode-args.tmp");
+    std::fs::write(&tmp, args).expect("write mode-args");
+    std::fs::rename(&tmp, dir.join("mode-args")).expect("rename mode-args");
+}
+
+/// Sends HUP and returns the generation of the reload it started (from the
+/// `reload started` line after the HUP).
+pub fn hup(nogap: &Nogap) -> u32 {
+    let from = nogap.log_len();
+    nogap.signal(Signal::SIGHUP);
+    let line = nogap.wait_for_log_from(from, "reload started", LONG);
+    field(&line, "generation")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no generation= in {line:?}"))
+}
+
+/// Sends HUP, checks the reload is for `gen`, waits for it to be ready.
+pub fn reload(nogap: &Nogap, gen: u32) {
+    let from = nogap.log_len();
+    let started = hup(nogap);
+    assert_eq!(started, gen, "reload started for an unexpected generation");
+    nogap.wait_for_log_from(from, &format!("generation ready generation={gen}"), LONG);
+}
+
+/// A keep-alive and a new-connection load on `addr`, each with `conns`
+/// connections pausing `pause` between requests. Waits until both served
+/// some requests.
+pub fn both_loads(addr: SocketAddr, conns: usize, pause: Duration) -> (Load, Load) {
+    let ka = Load::start(
+        LoadConfig::new(addr, Mode::KeepAlive)
+            .connections(conns)
+            .pause(pause)
+            .duration(Duration::from_secs(600)),
+    );
+    let nc = Load::start(
+        LoadConfig::new(addr, Mode::NewConnection)
+            .connections(conns)
+            .pause(pause)
+            .duration(Duration::from_secs(600)),
+    );
+    assert!(
+        ka.wait_for_more_ok(20, LONG),
+        "keep-alive load does not get answers"
+    );
+    assert!(
+        nc.wait_for_more_ok(20, LONG),
+        "new-connection load does not get answers"
+    );
+    (ka, nc)
+}
+
+/// The exit code, or panics on a death by signal.
+pub fn code(status: std::process::ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {status:?}"))
+}
