@@ -404,14 +404,32 @@ impl Supervisor {
     fn check_health(&mut self, watches: &mut Watches) -> bool {
         let now = Instant::now();
         let mut events = Vec::new();
-        for (i, watch) in watches.queues.iter_mut() {
+        // Depths first (TCP_INFO, cheap); then one sock_diag dump for all the
+        // non-empty queues, to see which of their connections were accepted.
+        let depths: Vec<u32> = watches
+            .queues
+            .iter()
+            .map(|(i, _)| self.listeners[*i].queue().map_or(0, |q| q.depth))
+            .collect();
+        let busy: Vec<(usize, std::net::SocketAddr)> = watches
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| depths[*k] > 0)
+            .filter_map(|(k, (i, _))| self.listeners[*i].local.map(|a| (k, a)))
+            .collect();
+        let mut queued: Vec<Option<Vec<u64>>> = vec![None; depths.len()];
+        if !busy.is_empty() {
+            let addrs: Vec<_> = busy.iter().map(|(_, a)| *a).collect();
+            if let Ok(lists) = crate::diag::queued_each(&addrs) {
+                for ((k, _), list) in busy.iter().zip(lists) {
+                    queued[*k] = Some(list);
+                }
+            }
+        }
+        for (k, (i, watch)) in watches.queues.iter_mut().enumerate() {
             let l = &self.listeners[*i];
-            let Some(q) = l.queue() else { continue };
-            let queued = match (q.depth, l.local) {
-                (0, _) | (_, None) => None,
-                (_, Some(addr)) => crate::diag::queued(addr).ok(),
-            };
-            match watch.sample(now, q.depth, queued.as_deref()) {
+            match watch.sample(now, depths[k], queued[k].as_deref()) {
                 Verdict::Stalled { depth } => events.push(Event::QueueStalled {
                     socket: l.name.clone(),
                     depth,
