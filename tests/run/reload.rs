@@ -204,3 +204,28 @@ fn a_burst_of_hups_coalesces_into_at_most_two_reloads() {
     );
     assert_eq!(nogap.count_log("reload failed"), 0);
 }
+
+#[test]
+fn ready_alive_mode_needs_no_notification() {
+    let dir = scratch();
+    let addr = free_addr();
+    let listen = format!("web={addr}");
+    let nogap = crate::common::Nogap::run(
+        dir.path(),
+        &[
+            "-l",
+            &listen,
+            "--ready",
+            "alive:300ms",
+            "--",
+            crate::common::demo_bin(),
+            "--no-ready",
+        ],
+    );
+    nogap.wait_for_log("generation ready generation=1", LONG);
+    reload(&nogap, 2);
+    let old = nogap.started_pids(Some(1));
+    for p in old {
+        must(LONG, "generation 1 drains", || !process_exists(p));
+    }
+}

@@ -171,3 +171,61 @@ fn sockets_from_systemd_socket_activate_are_served_with_their_name() {
         assert_eq!(resp.pid, Some(pid as u32));
     }
 }
+
+/// The backlog of the listening socket on `addr`, from `ss` (its Send-Q).
+fn listen_backlog(addr: SocketAddr) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains(&addr.to_string()))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn backlog_defaults_to_somaxconn_and_can_be_set() {
+    for (args, want) in [(&[][..], somaxconn()), (&["--backlog", "17"][..], 17)] {
+        let dir = scratch();
+        let addr = free_addr();
+        let nogap = crate::util::start_demo(dir.path(), addr, args, &[]);
+        assert_eq!(listen_backlog(addr), Some(want), "{args:?}");
+        drop(nogap);
+    }
+}
+
+#[test]
+fn reuseport_lets_another_socket_bind_the_port() {
+    use socket2::{Domain, Socket, Type};
+    let try_bind = |addr: SocketAddr| {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).map(|_| s)
+    };
+    for reuseport in [true, false] {
+        let dir = scratch();
+        let addr = free_addr();
+        let args: &[&str] = if reuseport { &["--reuseport"] } else { &[] };
+        let _nogap = crate::util::start_demo(dir.path(), addr, args, &[]);
+        let second = try_bind(addr);
+        assert_eq!(
+            second.is_ok(),
+            reuseport,
+            "binding a second SO_REUSEPORT socket with{} --reuseport: {:?}",
+            if reuseport { "" } else { "out" },
+            second.err()
+        );
+    }
+}
