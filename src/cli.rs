@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
 use crate::config::{self, ListenSpec, ReadyMode};
+use crate::handoff::{self, HandOff};
+use crate::launch::{self, GroupSpec, UserSpec};
 
 const AFTER_HELP: &str = "\
 Signals: HUP reloads (a new generation starts; the old one drains once it is ready),
@@ -130,12 +132,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub fd_store: bool,
 
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+
     /// The server to run, and its arguments (after `--`).
-    #[arg(
-        value_name = "COMMAND",
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    #[arg(value_name = "COMMAND", trailing_var_arg = true)]
     pub command: Vec<OsString>,
 }
 
@@ -163,4 +164,79 @@ pub struct StatusArgs {
     /// Control socket of the nogap to talk to.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+}
+
+/// How workers get their sockets and what process they run as (see `launch`).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Also pass the sockets the way another family of servers expects
+    /// (repeatable or comma-separated; LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID are always set).
+    ///
+    ///   systemd         only LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (the default)
+    ///   einhorn         EINHORN_FD_COUNT, EINHORN_FD_0.., EINHORN_FDS, EINHORN_MASTER_PID,
+    ///                   EINHORN_CHILD_INDEX
+    ///   server-starter  SERVER_STARTER_PORT=127.0.0.1:8080=3;/run/app.sock=4 and
+    ///                   SERVER_STARTER_GENERATION (no UDP sockets)
+    ///   nginx           NGINX=3;4; as on an nginx binary upgrade (no abstract unix sockets);
+    ///                   nginx.conf has 'daemon off;' and a listen directive per socket
+    ///
+    /// Templates in COMMAND and ARGS, in --env values and in --pidfile are replaced per
+    /// worker: {fd} (the fd of the only socket), {fd:NAME}, {generation}, {worker};
+    /// {{fd}} stands for a literal {fd}. Sockets are fds 3, 4, ... in --listen order
+    /// (sockets inherited from systemd first). Examples:
+    ///
+    ///   nogap run -l http=127.0.0.1:8000 -- gunicorn --bind fd://{fd:http} app:app
+    ///   nogap run -l 127.0.0.1:8000 -- uvicorn --fd {fd} app:app
+    ///   nogap run -l 127.0.0.1:8000 --env SERVER_FD={fd} -- node server.js
+    ///   nogap run -l 0.0.0.0:80 --fds-as nginx --stop-signal QUIT --user www-data \
+    ///       -- nginx -g 'daemon off;'
+    ///   nogap run -l 127.0.0.1:8000 --fds-as einhorn -- ./einhorn-worker
+    ///   nogap run -l 127.0.0.1:8000 --fds-as server-starter -- plackup -s Starlet app.psgi
+    #[arg(long, value_name = "MODE", value_delimiter = ',', value_parser = handoff::parse_handoff,
+          help_heading = "Hand-off", verbatim_doc_comment)]
+    pub fds_as: Vec<HandOff>,
+
+    /// Run workers as USER (name or uid), with its primary group and its
+    /// supplementary groups, and USER, LOGNAME, HOME set. nogap binds the
+    /// sockets first, so a worker can serve a privileged port unprivileged.
+    #[arg(long, value_name = "USER", value_parser = launch::parse_user,
+          help_heading = "Worker process")]
+    pub user: Option<UserSpec>,
+
+    /// Run workers with this primary group (name or gid) [default: USER's group].
+    #[arg(long, value_name = "GROUP", value_parser = launch::parse_group,
+          help_heading = "Worker process")]
+    pub group: Option<GroupSpec>,
+
+    /// Working directory of the workers.
+    #[arg(long, value_name = "DIR", help_heading = "Worker process")]
+    pub chdir: Option<PathBuf>,
+
+    /// Set a variable for the workers (repeatable); the value may use templates.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = launch::parse_env,
+          help_heading = "Worker process")]
+    pub env: Vec<(OsString, OsString)>,
+
+    /// Start workers with an empty environment: only nogap's variables, the
+    /// --fds-as ones, --user's and --env's.
+    #[arg(long, help_heading = "Worker process")]
+    pub env_clear: bool,
+
+    /// RLIMIT_NOFILE of the workers, soft and hard (like systemd's LimitNOFILE=N)
+    /// [default: nogap's hard limit, so the soft limit is raised to it].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..),
+          help_heading = "Worker process")]
+    pub nofile: Option<u64>,
+
+    /// File mode creation mask of the workers, in octal (e.g. 027).
+    #[arg(long, value_name = "MODE", value_parser = launch::parse_umask,
+          help_heading = "Worker process")]
+    pub umask: Option<libc::mode_t>,
+
+    /// The server daemonizes (forks and its first process exits 0): follow the
+    /// process whose pid it writes to PATH, a direct or adopted child of nogap,
+    /// as the worker. PATH may use {worker} and {generation}; with --workers > 1 it
+    /// must contain {worker}. nogap removes PATH before each start.
+    #[arg(long, value_name = "PATH", help_heading = "Worker process")]
+    pub pidfile: Option<OsString>,
 }

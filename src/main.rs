@@ -9,7 +9,7 @@ use nogap::cli::{Cli, Command, RunArgs};
 use nogap::config::RunConfig;
 use nogap::error::{exit, Error};
 use nogap::supervisor::{self, Environment};
-use nogap::{control, sockets};
+use nogap::{control, handoff, sockets};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -62,7 +62,14 @@ fn usage_error(e: clap::Error) -> ExitCode {
 
 fn run(args: RunArgs, env: Environment) -> Result<(), Error> {
     let config = RunConfig::from_args(&args, env.get("PATH"))?;
-    let inherited = sockets::take_inherited(args.fd_store)?;
+    let inherited = sockets::take_inherited(&env, args.fd_store)?;
+    let mut names: Vec<handoff::Socket> =
+        inherited.iter().map(handoff::Socket::of_listener).collect();
+    for spec in &config.listen {
+        names.retain(|s| s.name != spec.name);
+        names.push(handoff::Socket::of_spec(spec));
+    }
+    config.launch.check(&config.command.argv, &names)?;
     if args.check {
         let n = inherited.len() + config.listen.len();
         println!(

@@ -12,16 +12,19 @@
 //! for all generations.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
+use nix::fcntl::{Flock, FlockArg};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
-use crate::config::{self, Address, ListenSpec};
+use crate::config::{self, Address, ListenSpec, UnixOptions};
 use crate::error::Error;
+use crate::supervisor::Environment;
 use crate::sys;
 
 /// The kind of a socket, as far as hand-off and monitoring care.
@@ -43,6 +46,9 @@ pub struct Listener {
     /// True for TCP listeners, which have a readable accept queue.
     pub tcp: bool,
     pub inherited: bool,
+    /// For a unix socket nogap bound: the lock on `PATH.lock`, held while
+    /// nogap holds the socket (see `bind_unix`).
+    _lock: Option<Flock<File>>,
     /// The local IP address and port, for TCP and UDP.
     pub local: Option<SocketAddr>,
     fd: OwnedFd,
@@ -87,11 +93,9 @@ impl Listener {
 /// An fd that is not a usable socket is an error, except with `from_store`
 /// (nogap uses systemd's fd store): then it is logged, dropped from the store,
 /// and nogap binds afresh, rather than never starting again.
-pub fn take_inherited(from_store: bool) -> Result<Vec<Listener>, Error> {
-    let fds = sd_notify::listen_fds_with_names()
-        .map_err(|e| Error::Inherited(format!("bad LISTEN_FDS/LISTEN_FDNAMES: {e}")))?;
+pub fn take_inherited(env: &Environment, from_store: bool) -> Result<Vec<Listener>, Error> {
     let mut out = Vec::new();
-    for (raw, name) in fds {
+    for (raw, name) in listen_fds(env)? {
         match validate_inherited(raw, name.clone()) {
             Ok(l) => out.push(l),
             Err(e) if from_store => {
@@ -125,8 +129,59 @@ pub fn store(listeners: &[Listener]) {
     }
 }
 
+/// The sd_listen_fds(3) protocol: fds 3.. with names, when LISTEN_PID is this
+/// process (variables addressed to another process are ignored).
+fn listen_fds(env: &Environment) -> Result<Vec<(RawFd, String)>, Error> {
+    let var = |k: &str| env.get(k).map(|v| v.to_string_lossy().into_owned());
+    let Some(pid) = var("LISTEN_PID") else {
+        return Ok(Vec::new());
+    };
+    match pid.parse::<u32>() {
+        Ok(p) if p == std::process::id() => {}
+        Ok(_) => return Ok(Vec::new()),
+        Err(_) => {
+            return Err(Error::Inherited(format!(
+                "LISTEN_PID='{pid}' is not a process id"
+            )))
+        }
+    }
+    let Some(count) = var("LISTEN_FDS") else {
+        return Ok(Vec::new());
+    };
+    let n: i32 = count
+        .parse()
+        .ok()
+        .filter(|n| (0..=4096).contains(n))
+        .ok_or_else(|| {
+            Error::Inherited(format!(
+                "LISTEN_FDS='{count}' is not a number of descriptors"
+            ))
+        })?;
+    let names: Vec<String> = match var("LISTEN_FDNAMES") {
+        Some(names) => {
+            let list: Vec<String> = names.split(':').map(str::to_string).collect();
+            if list.len() != n as usize {
+                return Err(Error::Inherited(format!(
+                    "LISTEN_FDNAMES='{names}' has {} names for LISTEN_FDS={n}",
+                    list.len()
+                )));
+            }
+            list
+        }
+        None => vec!["unknown".to_string(); n as usize],
+    };
+    Ok((3..3 + n).zip(names).collect())
+}
+
 fn validate_inherited(raw: RawFd, name: String) -> Result<Listener, Error> {
     let what = |msg: &str| Error::Inherited(format!("fd {raw} (name '{name}') {msg}"));
+    // Close-on-exec before anything else: nothing of nogap's crosses exec
+    // except what the hand-off plan puts at 3, 4, ...
+    nix::fcntl::fcntl(
+        raw,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| what(&format!("cannot be used: {}", e.desc())))?;
     let stat = nix::sys::stat::fstat(raw).map_err(|e| what(&format!("cannot be used: {e}")))?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(what("is not a socket"));
@@ -159,6 +214,7 @@ fn validate_inherited(raw: RawFd, name: String) -> Result<Listener, Error> {
         kind,
         tcp,
         inherited: true,
+        _lock: None,
         local: local.as_socket(),
         fd,
     })
@@ -179,6 +235,7 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
         addr: spec.address.to_string(),
         source,
     };
+    let mut unix_lock = None;
     let (sock, kind, tcp) = match &spec.address {
         Address::Tcp(a) => (
             bind_inet(*a, Type::STREAM, reuseport).map_err(err)?,
@@ -190,7 +247,11 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
             Kind::Datagram,
             false,
         ),
-        Address::Unix(p) => (bind_unix(p).map_err(err)?, Kind::Listener, false),
+        Address::Unix(p) => {
+            let (sock, lock) = bind_unix(p, &spec.unix).map_err(err)?;
+            unix_lock = Some(lock);
+            (sock, Kind::Listener, false)
+        }
     };
     if kind == Kind::Listener {
         sock.listen(backlog).map_err(err)?;
@@ -202,6 +263,7 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
         kind,
         tcp,
         inherited: false,
+        _lock: unix_lock,
         local: local.as_socket(),
         fd: sock.into(),
     })
@@ -218,10 +280,42 @@ fn bind_inet(addr: SocketAddr, ty: Type, reuseport: bool) -> io::Result<Socket> 
     Ok(sock)
 }
 
-/// Bind a unix stream socket. A socket file left by a dead process is
-/// replaced; one that still accepts connections belongs to a live instance,
-/// and binding fails rather than stealing it.
-fn bind_unix(path: &Path) -> io::Result<Socket> {
+/// Bind a unix stream socket, with the file mode and owner asked for.
+///
+/// Two nogaps starting on the same path must not both decide that the
+/// socket file is stale and remove it (the second would unlink the first
+/// one's fresh socket): a lock on `PATH.lock`, held as long as the socket,
+/// decides. Holding it, a socket file nobody accepts on is stale and
+/// replaced; one that accepts (or has a full queue) belongs to a live server,
+/// and binding fails rather than stealing it; anything else is left alone.
+fn bind_unix(path: &Path, opts: &UnixOptions) -> io::Result<(Socket, Flock<File>)> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)?;
+    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let e = io::Error::from(e);
+        if e.kind() == io::ErrorKind::WouldBlock {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another nogap holds {}", Path::new(&lock_path).display()),
+            )
+        } else {
+            e
+        }
+    })?;
     let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     let addr = SockAddr::unix(path)?;
     match sock.bind(&addr) {
@@ -229,16 +323,28 @@ fn bind_unix(path: &Path) -> io::Result<Socket> {
             let is_socket = std::fs::symlink_metadata(path)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false);
-            let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-            if !is_socket || probe.connect(&addr).is_ok() {
+            if !is_socket {
                 return Err(e);
+            }
+            // Non-blocking: a live server with a full queue answers EAGAIN.
+            let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            probe.set_nonblocking(true)?;
+            match probe.connect(&addr) {
+                Err(p) if p.kind() == io::ErrorKind::ConnectionRefused => {}
+                _ => return Err(e),
             }
             std::fs::remove_file(path)?;
             sock.bind(&addr)?;
         }
         other => other?,
     }
-    Ok(sock)
+    if let Some(mode) = opts.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    if opts.uid.is_some() || opts.gid.is_some() {
+        std::os::unix::fs::chown(path, opts.uid, opts.gid)?;
+    }
+    Ok((sock, lock))
 }
 
 /// All sockets for a run: inherited ones first (in LISTEN_FDS order), then

@@ -31,8 +31,10 @@ pub struct ProcessSettings {
     pub credentials: Credentials,
     pub chdir: Option<std::path::PathBuf>,
     pub umask: Option<libc::mode_t>,
-    /// Soft (and, if larger, hard) RLIMIT_NOFILE.
+    /// RLIMIT_NOFILE, soft and hard.
     pub nofile: Option<u64>,
+    /// Leave LISTEN_PID out of the environment even though there are fds.
+    pub no_listen_pid: bool,
 }
 
 /// Everything a fork+exec needs, allocated before the fork.
@@ -92,7 +94,7 @@ impl ExecPlan {
         let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
         let mut envp_ptrs: Vec<*const c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-        if !fds.is_empty() {
+        if !fds.is_empty() && !settings.no_listen_pid {
             envp_ptrs.push(listen_pid.as_ptr() as *const c_char);
         }
         envp_ptrs.push(std::ptr::null());
@@ -100,13 +102,10 @@ impl ExecPlan {
             Some(d) => Some(cstr(d.as_os_str().as_bytes())?),
             None => None,
         };
-        let nofile = settings
-            .nofile
-            .map(nofile_limit)
-            .unwrap_or(libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            });
+        let nofile = settings.nofile.map(nofile_limit).unwrap_or(libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        });
         Ok(ExecPlan {
             path,
             _argv: argv,
@@ -187,11 +186,19 @@ impl ExecPlan {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..libc::SIGRTMAX() {
+        // The raw system call: glibc's sigaction refuses signals 32 and 33
+        // (its own), which posix_spawn leaves ignored in the processes it
+        // starts. An all-zero kernel sigaction is SIG_DFL, no flags, no mask.
+        let dfl = [0u64; 4];
+        for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
             }
         }
 
@@ -289,16 +296,12 @@ fn write_pid(buf: &mut [u8], pid: libc::pid_t) {
     buf[len] = 0;
 }
 
+/// Soft and hard limit both `n`, as systemd's `LimitNOFILE=n`: a server
+/// that raises its soft limit to the hard one (Node.js does) stays at `n`.
 fn nofile_limit(n: u64) -> libc::rlimit {
-    let mut cur = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
     libc::rlimit {
         rlim_cur: n,
-        rlim_max: cur.rlim_max.max(n),
+        rlim_max: n,
     }
 }
 
