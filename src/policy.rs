@@ -515,6 +515,7 @@ impl State {
             self.stop_worker(old, now, out);
         }
         self.maybe_commit(now, out);
+        self.replace_next_unhealthy(now, out);
     }
 
     fn exited(&mut self, pid: i32, status: String, now: Instant, out: &mut Vec<Action>) {
@@ -854,6 +855,26 @@ impl State {
             w.replaced_by = Some(new);
         }
         self.tick(now, out);
+    }
+
+    /// Workers found unhealthy while another replacement was under way
+    /// wait for their turn (the watchdog and fd checks skip them, being
+    /// marked): the next one is replaced once a worker became ready.
+    fn replace_next_unhealthy(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let next = self
+            .workers
+            .values()
+            .find_map(|w| match (&w.unhealthy, w.state) {
+                (Some(reason), WorkerState::Ready { .. })
+                    if w.replaced_by.is_none() && w.replaces.is_none() =>
+                {
+                    Some((w.id, reason.clone()))
+                }
+                _ => None,
+            });
+        if let Some((id, reason)) = next {
+            self.unhealthy(id, reason, now, out);
+        }
     }
 
     /// True (and loud, once) when the replacement budget of the window is spent.

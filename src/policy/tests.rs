@@ -279,3 +279,61 @@ fn first_generation_failure_retries() {
     assert_eq!(s.workers.len(), 1, "a replacement waits");
     assert_eq!(s.starting_generation(), Some(1));
 }
+
+#[test]
+fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut cfg = settings(2, ReadyMode::Notify);
+    cfg.health.worker_watchdog = Some(Duration::from_secs(1));
+    let mut s = State::new(cfg);
+    run(&mut s, Event::Start, t0, &mut pid);
+    let ready = |s: &mut State, pid: &mut i32, now| {
+        let starting: Vec<WorkerId> = s
+            .workers
+            .values()
+            .filter(|w| matches!(w.state, WorkerState::Starting { .. }))
+            .map(|w| w.id)
+            .collect();
+        let mut out = Vec::new();
+        for worker in starting {
+            let messages = vec![Message::Ready];
+            out.extend(run(s, Event::Notify { worker, messages }, now, pid));
+        }
+        out
+    };
+    ready(&mut s, &mut pid, t0);
+    assert_eq!(s.serving, Some(1));
+    let (a, b) = (101, 102);
+    // Neither pings: both miss the watchdog at once; one is replaced now.
+    let t1 = t0 + Duration::from_secs(1);
+    let out = run(&mut s, Event::Tick, t1, &mut pid);
+    let spawns = out
+        .iter()
+        .filter(|a| matches!(a, Action::Spawn { .. }))
+        .count();
+    assert_eq!(spawns, 1, "one replacement at a time: {out:?}");
+    // Its replacement is ready: the first drains, the second is replaced.
+    let out = ready(&mut s, &mut pid, t1);
+    assert!(
+        out.contains(&Action::Signal {
+            pid: a,
+            signal: Signal::SIGTERM
+        }),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Spawn { slot: 1, .. })),
+        "{out:?}"
+    );
+    let out = ready(&mut s, &mut pid, t1);
+    assert!(
+        out.contains(&Action::Signal {
+            pid: b,
+            signal: Signal::SIGTERM
+        }),
+        "{out:?}"
+    );
+    assert!(s.healthy());
+}
