@@ -1,0 +1,81 @@
+//! A worker whose accept loop stops while its process stays up.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{free_addr, LONG};
+use crate::fixture::{loads, misbehave_once, scratch, start, Which};
+use crate::scenario::{finish, recover_under_load, report, Failure};
+
+#[test]
+fn a_stalled_accept_loop_is_replaced_under_load() {
+    let health = free_addr();
+    let knobs = format!("--stall-accept-after 3s --health {health}");
+    let r = recover_under_load(&Failure {
+        workers: 1,
+        knobs: &knobs,
+        which: Which::FirstOfEachSlot,
+        nogap_args: &[],
+        conns: 4,
+        health: Some(health),
+    });
+    report("accept stall, 1 worker", &r);
+    assert!(r.reason.contains("accept queue"), "reason: {}", r.reason);
+}
+
+#[test]
+fn four_stalled_accept_loops_are_replaced_under_load() {
+    // All four stop accepting at once: one replacement is enough to empty
+    // the queue again (the other three keep serving their keep-alive
+    // connections until they are replaced or stopped).
+    let r = recover_under_load(&Failure {
+        workers: 4,
+        knobs: "--stall-accept-after 3s",
+        which: Which::FirstOfEachSlot,
+        nogap_args: &[],
+        conns: 8,
+        health: None,
+    });
+    report("accept stall, 4 workers", &r);
+    assert!(r.reason.contains("accept queue"), "reason: {}", r.reason);
+}
+
+#[test]
+fn one_stalled_accept_loop_of_four_costs_no_request() {
+    // The other three keep draining the shared queue: nothing stalls,
+    // nothing is lost, and nogap has nothing to replace.
+    let dir = scratch();
+    let addr = free_addr();
+    let script = misbehave_once(dir.path(), "--stall-accept-after 3s", Which::FirstOfSlot(0));
+    let nogap = start(
+        dir.path(),
+        addr,
+        &["-w", "4", "--drain-timeout", "20s"],
+        &[script.to_str().unwrap()],
+        &[],
+    );
+    let (ka, nc) = loads(addr, 8);
+    nogap.wait_for_log("stalled accept", LONG);
+    // Watch for three stall timeouts (default 2s): traffic keeps flowing
+    // all along, on new connections as on kept-alive ones.
+    let since = Instant::now();
+    let before = nc.ok();
+    while since.elapsed() < Duration::from_secs(6) {
+        assert!(nc.wait_for_more_ok(10, LONG), "new connections stalled");
+        assert!(ka.wait_for_more_ok(10, LONG), "keep-alive stalled");
+    }
+    let answered = nc.ok() - before;
+    let (ka, nc) = (ka.stop(), nc.stop());
+    let log = finish(nogap);
+    eprintln!("one of 4 workers stalled, {answered} answered meanwhile:");
+    eprintln!("  {}\n  {}", ka.summary(), nc.summary());
+    ka.assert_no_failures();
+    nc.assert_no_failures();
+    let stalls: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("accept queue stalled"))
+        .collect();
+    assert!(
+        stalls.is_empty(),
+        "the shared queue kept moving: {stalls:?}"
+    );
+}
