@@ -107,7 +107,11 @@ fn init_logging(env: &Environment) {
     if stderr_is_journal(env) {
         if let Ok(layer) = tracing_journald::layer() {
             registry
-                .with(layer.with_syslog_identifier("nogap".into()))
+                .with(
+                    layer
+                        .with_syslog_identifier("nogap".into())
+                        .with_field_prefix(None),
+                )
                 .init();
             return;
         }
