@@ -87,21 +87,23 @@ pub fn misbehave_once(dir: &Path, knobs: &str, which: Which) -> PathBuf {
     path
 }
 
-/// A keep-alive and a new-connection load on `addr` (`conns` connections
-/// each, 2 ms between requests, [`CLIENT_TIMEOUT`]); waits until both got
+/// A load of `mode` on `addr`: `conns` connections, 2 ms between requests,
+/// [`CLIENT_TIMEOUT`]. Does not wait for answers.
+pub fn load(addr: SocketAddr, mode: Mode, conns: usize) -> Load {
+    Load::start(
+        LoadConfig::new(addr, mode)
+            .connections(conns)
+            .pause(Duration::from_millis(2))
+            .timeout(CLIENT_TIMEOUT)
+            .duration(Duration::from_secs(300)),
+    )
+}
+
+/// A keep-alive and a new-connection [`load`]; waits until both got
 /// answers.
 pub fn loads(addr: SocketAddr, conns: usize) -> (Load, Load) {
-    let start = |mode| {
-        Load::start(
-            LoadConfig::new(addr, mode)
-                .connections(conns)
-                .pause(Duration::from_millis(2))
-                .timeout(CLIENT_TIMEOUT)
-                .duration(Duration::from_secs(300)),
-        )
-    };
-    let ka = start(Mode::KeepAlive);
-    let nc = start(Mode::NewConnection);
+    let ka = load(addr, Mode::KeepAlive, conns);
+    let nc = load(addr, Mode::NewConnection, conns);
     assert!(
         ka.wait_for_more_ok(20, LONG),
         "keep-alive load gets no answers"

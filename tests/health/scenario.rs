@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::common::load::{get_once, Report};
+use crate::common::load::{get_once, Mode, Report};
 use crate::common::{free_addr, must, process_exists, Nogap, LONG};
-use crate::fixture::{loads, misbehave_once, pid_of, scratch, start, Outage, Which};
+use crate::fixture::{load, misbehave_once, pid_of, scratch, start, Outage, Which};
 
 /// A worker failure to run under load.
 #[derive(Clone, Debug)]
@@ -24,6 +24,9 @@ pub struct Failure<'a> {
     /// The failing worker's `--health` port: it must answer while the
     /// worker's accept loop is stalled (the process looks alive).
     pub health: Option<SocketAddr>,
+    /// Start the new-connection load only once this log line appeared
+    /// (the keep-alive load runs from the start).
+    pub new_connections_after: Option<&'a str>,
 }
 
 /// What happened.
@@ -54,7 +57,21 @@ pub fn recover_under_load(failure: &Failure) -> Recovery {
         .into_iter()
         .map(|p| p as u32)
         .collect();
-    let (ka, nc) = loads(addr, failure.conns);
+    let ka = load(addr, Mode::KeepAlive, failure.conns);
+    assert!(
+        ka.wait_for_more_ok(20, LONG),
+        "keep-alive load gets no answers"
+    );
+    if let Some(line) = failure.new_connections_after {
+        nogap.wait_for_log(line, LONG);
+    }
+    let nc = load(addr, Mode::NewConnection, failure.conns);
+    if failure.new_connections_after.is_none() {
+        assert!(
+            nc.wait_for_more_ok(20, LONG),
+            "new-connection load gets no answers"
+        );
+    }
     if let Some(health) = failure.health {
         nogap.wait_for_log("stalled accept", LONG);
         let answer = get_once(&health.into(), Duration::from_secs(5))
@@ -95,11 +112,13 @@ pub fn recover_under_load(failure: &Failure) -> Recovery {
     }
     let outage =
         Outage::of(&new_connection, &original).expect("a replacement answered new connections");
-    assert!(
-        outage.before > 0,
-        "the failure came before any load was answered: {}",
-        new_connection.summary()
-    );
+    if failure.new_connections_after.is_none() {
+        assert!(
+            outage.before > 0,
+            "the failure came before any load was answered: {}",
+            new_connection.summary()
+        );
+    }
     assert!(
         outage.made_during > 0,
         "no connection was made while nobody accepted"

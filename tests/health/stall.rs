@@ -17,6 +17,7 @@ fn a_stalled_accept_loop_is_replaced_under_load() {
         nogap_args: &[],
         conns: 4,
         health: Some(health),
+        new_connections_after: None,
     });
     report("accept stall, 1 worker", &r);
     assert!(r.reason.contains("accept queue"), "reason: {}", r.reason);
@@ -34,6 +35,7 @@ fn four_stalled_accept_loops_are_replaced_under_load() {
         nogap_args: &[],
         conns: 8,
         health: None,
+        new_connections_after: None,
     });
     report("accept stall, 4 workers", &r);
     assert!(r.reason.contains("accept queue"), "reason: {}", r.reason);

@@ -15,6 +15,7 @@ fn a_wedged_worker_that_stops_its_watchdog_is_replaced_under_load() {
         nogap_args: &["--worker-watchdog", "1s", "--stall-timeout", "0"],
         conns: 4,
         health: None,
+        new_connections_after: None,
     });
     report("watchdog silent (--worker-watchdog 1s), 1 worker", &r);
     assert!(r.reason.contains("WATCHDOG"), "reason: {}", r.reason);
