@@ -1,0 +1,181 @@
+//! nogap under a real systemd. Each test boots Debian in a `systemd-nspawn`
+//! container (systemd as PID 1) with the harness in `systemd/harness.rs`;
+//! see `systemd/README.md`. Needs root; the first run builds the root
+//! filesystems (about a minute each).
+
+#[path = "systemd/harness.rs"]
+mod harness;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use harness::{free_port, progress, wait_for, BootState, Container, OutputExt, Release, SHARE};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn harness_boots_bookworm_and_socket_activates() {
+    harness_works(Release::Bookworm);
+}
+
+#[test]
+fn harness_boots_trixie_and_socket_activates() {
+    harness_works(Release::Trixie);
+}
+
+/// Boot, check the systemd version, run a host-built binary inside, socket
+/// activate a service from the host, tear down and find nothing left.
+fn harness_works(release: Release) {
+    let c = Container::boot(release);
+    if c.boot_state() != BootState::Running {
+        let failed = c.systemctl(&["--failed"]).stdout_text();
+        panic!(
+            "{} booted {:?}, expected a clean boot:\n{failed}",
+            c.name(),
+            c.boot_state()
+        );
+    }
+
+    let version = c
+        .systemctl(&["--version"])
+        .expect_success("systemctl --version");
+    let want = format!("systemd {} (", release.systemd_version());
+    assert!(
+        version.starts_with(&want),
+        "expected {want:?}, got:\n{version}"
+    );
+
+    // Host-built binaries run inside: this test binary lists its tests,
+    // once copied in and once through the shared directory.
+    let me = std::env::current_exe().expect("path of the test binary");
+    c.copy_in(&me, "/usr/local/bin/harness-probe");
+    let listed = c
+        .exec(&["harness-probe", "--list"])
+        .expect_success("copied-in binary");
+    assert!(
+        listed.contains("harness_boots_trixie_and_socket_activates: test"),
+        "{listed}"
+    );
+    fs::copy(&me, c.share_dir().join("harness-probe")).expect("copy into the shared directory");
+    c.exec(&[&format!("{SHARE}/harness-probe"), "--list"])
+        .expect_success("binary in the shared directory");
+
+    socket_activation(&c);
+
+    let name = c.name().to_owned();
+    let teardown = c.shutdown();
+    progress(format!("{name} torn down in {:.0?}", teardown.took));
+    assert!(!teardown.forced, "{name} needed killing");
+    assert!(
+        teardown.leftovers.is_empty(),
+        "{name} left {:?}",
+        teardown.leftovers
+    );
+    assert_no_trace(&name);
+}
+
+/// A `.socket` (Accept=no) on a free loopback port and a service that takes
+/// the listening socket by LISTEN_FDS: `systemd-socket-proxyd`, in every
+/// systemd, forwarding to a listener of this test. A connection from the host
+/// starts the service, and bytes make the round trip.
+fn socket_activation(c: &Container) {
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    upstream
+        .set_nonblocking(true)
+        .expect("non-blocking upstream");
+    let upstream_port = upstream.local_addr().expect("upstream address").port();
+    let port = free_port();
+    c.install_unit(
+        "harness-proxy.socket",
+        &format!("[Socket]\nListenStream=127.0.0.1:{port}\nAccept=no\n"),
+    );
+    c.install_unit(
+        "harness-proxy.service",
+        &format!("[Service]\nExecStart=/usr/lib/systemd/systemd-socket-proxyd 127.0.0.1:{upstream_port}\n"),
+    );
+    c.systemctl(&["start", "harness-proxy.socket"])
+        .expect_success("start harness-proxy.socket");
+    let active = |unit: &str| {
+        c.systemctl(&["is-active", unit])
+            .stdout_text()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        active("harness-proxy.service"),
+        "inactive",
+        "started before any connection"
+    );
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut client =
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect to the socket unit");
+    client
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    client.write_all(b"ping\n").expect("send ping");
+    let (mut backend, _) = wait_for("the proxied connection", IO_TIMEOUT, || {
+        upstream.accept().ok()
+    });
+    backend.set_nonblocking(false).expect("blocking backend");
+    backend
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    let mut got = [0; 5];
+    backend
+        .read_exact(&mut got)
+        .expect("ping through the proxy");
+    assert_eq!(&got, b"ping\n");
+    backend.write_all(b"pong\n").expect("send pong");
+    client.read_exact(&mut got).expect("pong through the proxy");
+    assert_eq!(&got, b"pong\n");
+
+    assert_eq!(active("harness-proxy.service"), "active");
+    let main_pid = c
+        .systemctl(&[
+            "show",
+            "--property=MainPID",
+            "--value",
+            "harness-proxy.service",
+        ])
+        .stdout_text();
+    assert_ne!(
+        main_pid.trim(),
+        "0",
+        "socket-activated service has no main process"
+    );
+    let journal = c.journalctl(&["-u", "harness-proxy.service"]).stdout_text();
+    assert!(
+        journal.contains("Started harness-proxy.service"),
+        "journal:\n{journal}"
+    );
+}
+
+/// Independently of the harness's own checks: no process, mount, cgroup or
+/// nspawn directory mentions the machine any more.
+fn assert_no_trace(name: &str) {
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(name),
+            "process {:?} left: {cmdline}",
+            entry.file_name()
+        );
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    assert!(!mounts.contains(name), "mount left:\n{mounts}");
+    for dir in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/systemd",
+        "/run/systemd/nspawn/propagate",
+        "/run/systemd/nspawn/unix-export",
+    ] {
+        let left = Path::new(dir).join(name);
+        assert!(!left.exists(), "{} left", left.display());
+    }
+}
