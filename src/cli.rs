@@ -51,9 +51,9 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Listen on ADDR: HOST:PORT, tcp://HOST:PORT, [::]:PORT, udp://HOST:PORT or
-    /// unix:/path. NAME is what workers see in LISTEN_FDNAMES (default derived from
-    /// ADDR, e.g. tcp-127.0.0.1-8080). Repeatable. Sockets passed to nogap by
-    /// systemd (LISTEN_FDS) are used too, with their names.
+    /// unix:/path[?mode=0660&owner=USER:GROUP]. NAME is what workers see in LISTEN_FDNAMES
+    /// (default derived from ADDR, e.g. tcp-127.0.0.1-8080). Repeatable. Sockets passed to
+    /// nogap by systemd (LISTEN_FDS) are used too, with their names.
     #[arg(short, long, value_name = "[NAME=]ADDR", value_parser = config::parse_listen)]
     pub listen: Vec<ListenSpec>,
 
@@ -172,7 +172,9 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Also pass the sockets the way another family of servers expects
-    /// (repeatable or comma-separated; LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID are always set).
+    /// (repeatable or comma-separated). LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID are set
+    /// too, unless COMMAND or ARGS pass an fd by template (then only with --fds-as systemd):
+    /// gunicorn, for one, would take the socket twice.
     ///
     ///   systemd         only LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (the default)
     ///   einhorn         EINHORN_FD_COUNT, EINHORN_FD_0.., EINHORN_FDS, EINHORN_MASTER_PID,
@@ -185,7 +187,7 @@ pub struct WorkerArgs {
     /// Templates in COMMAND and ARGS, in --env values and in --pidfile are replaced per
     /// worker: {fd} (the fd of the only socket), {fd:NAME}, {generation}, {worker};
     /// {{fd}} stands for a literal {fd}. Sockets are fds 3, 4, ... in --listen order
-    /// (sockets inherited from systemd first). Examples:
+    /// (sockets inherited from systemd first). Examples (more in docs/handoff.md):
     ///
     ///   nogap run -l http=127.0.0.1:8000 -- gunicorn --bind fd://{fd:http} app:app
     ///   nogap run -l 127.0.0.1:8000 -- uvicorn --fd {fd} app:app
@@ -193,7 +195,8 @@ pub struct WorkerArgs {
     ///   nogap run -l 0.0.0.0:80 --fds-as nginx --stop-signal QUIT --user www-data \
     ///       -- nginx -g 'daemon off;'
     ///   nogap run -l 127.0.0.1:8000 --fds-as einhorn -- ./einhorn-worker
-    ///   nogap run -l 127.0.0.1:8000 --fds-as server-starter -- plackup -s Starlet app.psgi
+    ///   nogap run -l 127.0.0.1:8000 --fds-as server-starter --stop-signal QUIT \
+    ///       -- starman --workers 8 app.psgi
     #[arg(long, value_name = "MODE", value_delimiter = ',', value_parser = handoff::parse_handoff,
           help_heading = "Hand-off", verbatim_doc_comment)]
     pub fds_as: Vec<HandOff>,

@@ -20,6 +20,7 @@ use nix::sys::signal::Signal;
 
 use crate::cli::RunArgs;
 use crate::error::Error;
+use crate::launch::Launch;
 
 /// Where a socket nogap binds itself lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +57,18 @@ impl Address {
 pub struct ListenSpec {
     pub name: String,
     pub address: Address,
+    /// `?mode=&owner=` of a unix socket.
+    pub unix: UnixOptions,
+}
+
+/// Permissions nogap gives a unix socket file it binds:
+/// `unix:/path?mode=0660&owner=USER:GROUP` (owner `USER`, `USER:GROUP` or
+/// `:GROUP`, names or ids).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixOptions {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 /// When a new worker counts as ready.
@@ -95,6 +108,8 @@ pub struct RunConfig {
     pub command: CommandSpec,
     pub health: HealthConfig,
     pub fd_store: bool,
+    /// Hand-off forms and worker process settings.
+    pub launch: Launch,
 }
 
 /// Accept-health monitoring (see `health`).
@@ -122,6 +137,7 @@ impl RunConfig {
                 )));
             }
         }
+        let launch = Launch::from_args(&args.worker, args.workers, &args.command)?;
         let program = args.command.first().ok_or_else(|| {
             Error::Usage("missing command: nogap run [OPTIONS] -- COMMAND [ARGS...]".into())
         })?;
@@ -153,6 +169,7 @@ impl RunConfig {
                 watchdog_follows_health: args.watchdog_follows_health,
             },
             fd_store: args.fd_store,
+            launch,
         })
     }
 }
@@ -244,6 +261,10 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
         Some((name, addr)) if !name.contains([':', '/']) => (Some(name), addr),
         _ => (None, s),
     };
+    let (addr, unix) = match addr.split_once('?') {
+        Some((a, query)) if a.starts_with("unix:") => (a, parse_unix_options(query)?),
+        _ => (addr, UnixOptions::default()),
+    };
     let address = parse_address(addr)?;
     let name = match name {
         Some(n) => {
@@ -252,7 +273,57 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
         }
         None => address.default_name(),
     };
-    Ok(ListenSpec { name, address })
+    Ok(ListenSpec {
+        name,
+        address,
+        unix,
+    })
+}
+
+/// `mode=0660&owner=www-data:www-data`.
+fn parse_unix_options(query: &str) -> Result<UnixOptions, String> {
+    let mut o = UnixOptions::default();
+    for kv in query.split('&') {
+        match kv.split_once('=') {
+            Some(("mode", m)) => {
+                let digits = m.strip_prefix("0o").unwrap_or(m);
+                o.mode = Some(
+                    u32::from_str_radix(digits, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o777 && !digits.is_empty())
+                        .ok_or_else(|| format!("bad mode '{m}': expected octal, e.g. 0660"))?,
+                );
+            }
+            Some(("owner", owner)) => {
+                let (user, group) = match owner.split_once(':') {
+                    Some((u, g)) => (u, Some(g)),
+                    None => (owner, None),
+                };
+                if !user.is_empty() {
+                    let u = crate::launch::parse_user(user)
+                        .map_err(|e| format!("bad owner '{owner}': {e}"))?;
+                    o.uid = Some(u.uid);
+                    o.gid = u.gid;
+                }
+                if let Some(g) = group.filter(|g| !g.is_empty()) {
+                    let g = crate::launch::parse_group(g)
+                        .map_err(|e| format!("bad owner '{owner}': {e}"))?;
+                    o.gid = Some(g.gid);
+                }
+                if o.uid.is_none() && o.gid.is_none() {
+                    return Err(format!(
+                        "bad owner '{owner}': expected USER, USER:GROUP or :GROUP"
+                    ));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown unix socket option '{kv}': use mode=OCTAL and owner=USER:GROUP"
+                ))
+            }
+        }
+    }
+    Ok(o)
 }
 
 fn parse_address(s: &str) -> Result<Address, String> {
@@ -332,6 +403,21 @@ mod tests {
         assert!(parse_listen("unix:relative.sock").is_err());
         assert!(parse_listen("http://1.2.3.4:80").is_err());
         assert!(parse_listen("a b=127.0.0.1:1").is_err());
+        let l = parse_listen("api=unix:/run/x.sock?mode=0660&owner=root:root").unwrap();
+        assert_eq!(l.address, Address::Unix("/run/x.sock".into()));
+        assert_eq!(
+            l.unix,
+            UnixOptions {
+                mode: Some(0o660),
+                uid: Some(0),
+                gid: Some(0)
+            }
+        );
+        assert_eq!(parse_listen("unix:/a?owner=:0").unwrap().unix.gid, Some(0));
+        assert!(parse_listen("unix:/a?mode=999").is_err());
+        assert!(parse_listen("unix:/a?owner=no-such-user-here").is_err());
+        assert!(parse_listen("unix:/a?color=red").is_err());
+        assert!(parse_listen("127.0.0.1:80?mode=0660").is_err());
     }
 
     #[test]

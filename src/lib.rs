@@ -13,6 +13,10 @@
 //! # Layout
 //! * [`cli`]: command-line structs; [`config`]: typed, validated config.
 //! * [`sockets`]: binding, inheriting and validating the listening sockets.
+//! * [`handoff`]: how workers learn their sockets (LISTEN_FDS, einhorn,
+//!   Server::Starter, nginx, argv templates).
+//! * [`launch`]: worker process settings (user, groups, env, limits, pid file).
+//! * [`daemon`]: following servers that daemonize; no orphan outlives nogap.
 //! * [`sys`]: every `unsafe` block: fork/exec with the fd hand-off, TCP_INFO.
 //! * [`worker`]: a worker's state; [`policy`]: state × event → actions.
 //! * [`health`]: accept-queue stall detection and fd-exhaustion checks.
@@ -24,9 +28,12 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod diag;
 pub mod error;
+pub mod handoff;
 pub mod health;
+pub mod launch;
 pub mod notify;
 pub mod policy;
 pub mod sockets;

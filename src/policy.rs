@@ -12,6 +12,7 @@
 //! | a serving worker exits | replaced in its slot, after a backoff that doubles per quick failure (capped) |
 //! | a draining worker exits | forgotten |
 //! | drain timeout | SIGKILL to the worker's process group |
+//! | a daemonizing worker's main process is known (MainPid) | the worker is that process from now on; a stop already sent is repeated to it |
 //! | Stop | stop signal to every worker; exit once all are gone |
 //! | a queue stalls, a worker misses its watchdog or nears its fd limit | a replacement starts in its slot; once ready, the unhealthy worker drains (at most `max_replacements` per `window`, one at a time) |
 //! | replacements exhausted while still unhealthy | say so (logs, STATUS=); `healthy()` turns false until the queues move again |
@@ -122,6 +123,12 @@ pub enum Event {
     Unhealthy {
         worker: WorkerId,
         reason: String,
+    },
+    /// The worker daemonized: `pid` (from its pid file, a child of nogap)
+    /// is its main process now.
+    MainPid {
+        worker: WorkerId,
+        pid: i32,
     },
     /// A deadline may have passed.
     Tick,
@@ -297,6 +304,7 @@ impl State {
                 self.maybe_clear_gave_up(&mut out);
             }
             Event::Unhealthy { worker, reason } => self.unhealthy(worker, reason, now, &mut out),
+            Event::MainPid { worker, pid } => self.main_pid(worker, pid, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         if self.stopping && self.workers.is_empty() && !self.exited {
@@ -595,6 +603,36 @@ impl State {
             "restart scheduled"
         );
         self.add_worker(w.generation, w.slot, w.restarts + 1, now + delay, None);
+    }
+
+    /// Follow a daemonized worker's new main process. Its state and
+    /// deadlines stay; a stop signal or SIGKILL already sent to the first
+    /// process is sent to the new one.
+    fn main_pid(&mut self, id: WorkerId, new: i32, out: &mut Vec<Action>) {
+        let signal = self.settings.stop.signal;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let old = w.state.pid();
+        match &mut w.state {
+            WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => *pid = new,
+            WorkerState::Draining { pid, .. } => {
+                *pid = new;
+                out.push(Action::Signal { pid: new, signal });
+            }
+            WorkerState::Killed { pid } => {
+                *pid = new;
+                out.push(Action::KillGroup { pid: new });
+            }
+            WorkerState::Waiting { .. } | WorkerState::Spawning => return,
+        }
+        tracing::info!(
+            worker = w.slot,
+            generation = w.generation,
+            pid = new,
+            first_pid = old,
+            "worker daemonized: following its main process"
+        );
     }
 
     /// Ask a worker to leave: stop signal, SIGKILL later. A worker that has

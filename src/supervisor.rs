@@ -20,11 +20,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{HealthConfig, RunConfig};
 use crate::error::Error;
+use crate::handoff;
 use crate::health::{QueueWatch, Verdict};
+use crate::launch::set_var;
 use crate::notify::{Message, Upstream, WorkerSocket};
 use crate::policy::{self, Action, Event, Settings, State, WaiterId};
 use crate::sockets::Listener;
-use crate::sys::{ExecPlan, ProcessSettings};
+use crate::sys::ExecPlan;
 use crate::worker::WorkerId;
 
 /// Variables nogap consumes itself and never passes on.
@@ -149,6 +151,13 @@ pub struct Supervisor {
     waiters: HashMap<WaiterId, oneshot::Sender<Result<u64, String>>>,
     next_waiter: WaiterId,
     started: Instant,
+    /// The sockets as the hand-off forms describe them (fd = 3 + index).
+    handoff: Vec<handoff::Socket>,
+    /// Events from helper tasks (the pid-file follower).
+    events: mpsc::Sender<Event>,
+    /// With `--pidfile`: the first pid and pid file of workers that have not
+    /// daemonized yet.
+    daemons: HashMap<WorkerId, (i32, PathBuf)>,
 }
 
 /// Run until stopped. Returns once every worker is gone.
@@ -160,6 +169,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGCHLD])
         .map_err(|e| Error::system("cannot install signal handlers", e))?;
+    // Orphans of workers, and daemonizing servers, become nogap's children.
+    crate::sys::set_child_subreaper()
+        .map_err(|e| Error::system("cannot become a child subreaper", e))?;
+    let (events, mut events_rx) = mpsc::channel(64);
     let (notify_tx, mut notify_rx) = mpsc::channel(1024);
     let upstream = Upstream::new(env.get("NOTIFY_SOCKET").map(|s| s.as_os_str()))
         .map_err(|e| Error::system("bad NOTIFY_SOCKET", e))?;
@@ -200,7 +213,15 @@ pub async fn run(
         waiters: HashMap::new(),
         next_waiter: 1,
         started: Instant::now(),
+        handoff: Vec::new(),
+        events,
+        daemons: HashMap::new(),
     };
+    sup.handoff = sup
+        .listeners
+        .iter()
+        .map(handoff::Socket::of_listener)
+        .collect();
     for l in &sup.listeners {
         tracing::info!(socket = %l.name, addr = %l.address, inherited = l.inherited, "listening");
     }
@@ -244,6 +265,7 @@ pub async fn run(
                     continue;
                 }
             },
+            Some(event) = events_rx.recv() => event,
             Some(req) = requests.recv() => match req {
                 Request::Reload { reply } => {
                     let waiter = reply.map(|r| {
@@ -305,6 +327,7 @@ impl Supervisor {
                     }
                     Action::Forget { worker } => {
                         self.sockets.remove(&worker);
+                        self.daemons.remove(&worker);
                     }
                     Action::Upstream(msgs) => self.tell_systemd(&msgs),
                     Action::Reply { waiter, result } => {
@@ -323,7 +346,12 @@ impl Supervisor {
     fn reap(&mut self) -> bool {
         loop {
             let (pid, status) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}")),
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    if code == 0 && self.follow_daemon(pid.as_raw()) {
+                        continue;
+                    }
+                    (pid, format!("exited with status {code}"))
+                }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
                     (pid, format!("was killed by signal {sig}"))
                 }
@@ -347,32 +375,97 @@ impl Supervisor {
     }
 
     fn try_spawn(&mut self, worker: WorkerId, generation: u64, slot: u32) -> Result<i32, String> {
+        let launch = &self.config.launch;
         let path = self.notify_dir.0.join(format!("w{worker}.sock"));
         let socket = WorkerSocket::bind(path, worker, self.notify_tx.clone())
             .map_err(|e| format!("cannot create notify socket: {e}"))?;
-        let mut env = self.worker_env.clone();
-        env.push(("LISTEN_FDS".into(), self.fds.len().to_string().into()));
-        env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
+        // A worker running as another user must be able to connect.
+        let creds = &launch.credentials;
+        if creds.uid.is_some() || creds.gid.is_some() {
+            std::os::unix::fs::chown(socket.path(), creds.uid, creds.gid)
+                .map_err(|e| format!("cannot chown notify socket: {e}"))?;
+        }
+        let mut env = if launch.env_clear {
+            Vec::new()
+        } else {
+            self.worker_env.clone()
+        };
+        for (k, v) in launch.user_env() {
+            set_var(&mut env, k, v);
+        }
+        if launch.listen_fds {
+            env.push(("LISTEN_FDS".into(), self.fds.len().to_string().into()));
+            env.push(("LISTEN_FDNAMES".into(), self.fdnames.clone()));
+        }
         env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
         env.push(("NOGAP_GENERATION".into(), generation.to_string().into()));
         env.push(("NOGAP_WORKER".into(), slot.to_string().into()));
         if let Some(d) = self.config.health.worker_watchdog {
             env.push(("WATCHDOG_USEC".into(), d.as_micros().to_string().into()));
         }
+        let info = handoff::WorkerInfo {
+            generation,
+            slot,
+            parent_pid: std::process::id(),
+        };
         let cmd = &self.config.command;
+        let rendered =
+            handoff::render(&launch.fds_as, &cmd.argv, &launch.env, &self.handoff, &info)?;
+        for (k, v) in rendered.env {
+            set_var(&mut env, k, v);
+        }
+        let pidfile = match &launch.pidfile {
+            Some(t) => {
+                let p = PathBuf::from(handoff::expand(t, &self.handoff, &info)?);
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(format!("cannot remove old pid file {}: {e}", p.display()))
+                    }
+                    _ => Some(p),
+                }
+            }
+            None => None,
+        };
         let mut plan = ExecPlan::new(
             &cmd.path,
-            &cmd.argv,
+            &rendered.argv,
             &env,
             &self.fds,
-            ProcessSettings::default(),
+            launch.process_settings(),
         )
         .map_err(|e| e.to_string())?;
         let pid = plan
             .spawn()
             .map_err(|e| format!("cannot execute {}: {e}", cmd.path.display()))?;
         self.sockets.insert(worker, socket);
+        if let Some(p) = pidfile {
+            self.daemons.insert(worker, (pid.as_raw(), p));
+        }
         Ok(pid.as_raw())
+    }
+
+    /// `pid` exited with status 0: if it is the first process of a worker
+    /// that daemonizes (`--pidfile`), follow the daemon instead of treating
+    /// the exit as the worker's (see `daemon`).
+    fn follow_daemon(&mut self, pid: i32) -> bool {
+        let Some(worker) = self.state.worker_by_pid(pid).map(|w| w.id) else {
+            return false;
+        };
+        match self.daemons.get(&worker) {
+            Some((first, _)) if *first == pid => {}
+            _ => return false,
+        }
+        let (first, path) = self.daemons.remove(&worker).expect("present");
+        if let Some(w) = self.state.workers.get(&worker) {
+            tracing::info!(worker = w.slot, generation = w.generation, pid, pidfile = %path.display(), "worker's first process exited: waiting for its pid file");
+        }
+        let timeout = self.config.start_timeout;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let event = crate::daemon::follow(worker, first, path, timeout).await;
+            let _ = events.send(event).await;
+        });
+        true
     }
 
     fn tell_systemd(&self, msgs: &[policy::Upstream]) {
@@ -561,5 +654,7 @@ impl Drop for Supervisor {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+        // Adopted orphans and daemons' children too.
+        crate::daemon::kill_descendants();
     }
 }

@@ -281,6 +281,83 @@ fn first_generation_failure_retries() {
 }
 
 #[test]
+fn daemonized_worker_is_followed() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Notify));
+    run(&mut s, Event::Start, t0, &mut pid);
+    let id = *s.workers.keys().next().unwrap();
+    // The first process (101) daemonized; 555 is the server now.
+    let out = s.handle(
+        Event::MainPid {
+            worker: id,
+            pid: 555,
+        },
+        t0,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(pids_in(&s, 1), vec![555]);
+    run(
+        &mut s,
+        Event::Notify {
+            worker: id,
+            messages: vec![Message::Ready],
+        },
+        t0,
+        &mut pid,
+    );
+    assert_eq!(s.serving, Some(1));
+    // Stopping signals the daemon; its exit ends nogap.
+    let out = s.handle(Event::Stop, t0);
+    assert!(out.contains(&Action::Signal {
+        pid: 555,
+        signal: Signal::SIGTERM
+    }));
+    let out = s.handle(
+        Event::Exited {
+            pid: 555,
+            status: "exited with status 0".into(),
+        },
+        t0,
+    );
+    assert!(out.contains(&Action::Exit), "{out:?}");
+}
+
+#[test]
+fn stop_before_the_daemon_is_known_reaches_it() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Notify));
+    run(&mut s, Event::Start, t0, &mut pid);
+    let id = *s.workers.keys().next().unwrap();
+    s.handle(Event::Stop, t0);
+    let out = s.handle(
+        Event::MainPid {
+            worker: id,
+            pid: 777,
+        },
+        t0,
+    );
+    assert_eq!(
+        out,
+        vec![Action::Signal {
+            pid: 777,
+            signal: Signal::SIGTERM
+        }]
+    );
+    // Unknown workers are ignored.
+    assert!(s
+        .handle(
+            Event::MainPid {
+                worker: 999,
+                pid: 1
+            },
+            t0
+        )
+        .is_empty());
+}
+
+#[test]
 fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
     let t0 = Instant::now();
     let mut pid = 100;

@@ -1,0 +1,28 @@
+"""An ASGI app for uvicorn behind nogap: answers with the pid that served."""
+import os
+
+GENERATION = os.environ.get("NOGAP_GENERATION", "0")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = ("pid %d gen %s\n" % (os.getpid(), GENERATION)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-pid", str(os.getpid()).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
