@@ -246,6 +246,7 @@ impl State {
             .values()
             .filter_map(|w| w.state.deadline())
             .chain(pings)
+            .chain(self.budget_deadline())
             .min()
     }
 
@@ -307,6 +308,7 @@ impl State {
             Event::MainPid { worker, pid } => self.main_pid(worker, pid, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
+        self.maybe_clear_gave_up(&mut out);
         if self.stopping && self.workers.is_empty() && !self.exited {
             self.exited = true;
             tracing::info!("stopped");
@@ -728,6 +730,19 @@ impl State {
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Forget replacements older than the window first, so that a budget
+        // deadline in the past cannot keep firing.
+        let window = self.settings.health.window;
+        while self
+            .replacements
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            self.replacements.pop_front();
+        }
+        if self.gave_up && self.has_unreplaced_unhealthy() {
+            self.replace_next_unhealthy(now, out);
+        }
         let silent: Vec<WorkerId> = self
             .workers
             .values()
@@ -942,8 +957,28 @@ impl State {
         true
     }
 
+    /// A ready worker marked unhealthy that no replacement is on its way for.
+    fn has_unreplaced_unhealthy(&self) -> bool {
+        self.workers.values().any(|w| {
+            w.unhealthy.is_some()
+                && w.replaced_by.is_none()
+                && matches!(w.state, WorkerState::Ready { .. })
+        })
+    }
+
+    /// When the replacement budget frees up again, if a marked worker waits
+    /// for it (stalled queues are re-reported by the monitor instead).
+    fn budget_deadline(&self) -> Option<Instant> {
+        if !self.gave_up || !self.has_unreplaced_unhealthy() {
+            return None;
+        }
+        self.replacements
+            .front()
+            .map(|t| *t + self.settings.health.window)
+    }
+
     fn maybe_clear_gave_up(&mut self, out: &mut Vec<Action>) {
-        if self.gave_up && self.stalled.is_empty() {
+        if self.gave_up && self.stalled.is_empty() && !self.has_unreplaced_unhealthy() {
             self.gave_up = false;
             tracing::info!("healthy again");
             out.push(Action::Upstream(vec![Upstream::Status(self.status_line())]));

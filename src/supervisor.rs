@@ -281,7 +281,16 @@ pub async fn run(
                     continue;
                 }
             },
-                        () = sleep => Event::Tick,
+                                    () = sleep => {
+                // Notifications that already arrived (a WATCHDOG=1, a READY=1)
+                // count before the deadline they would have met.
+                while let Ok((worker, Ok(messages))) = notify_rx.try_recv() {
+                    if sup.process(Event::Notify { worker, messages }) {
+                        return Ok(());
+                    }
+                }
+                Event::Tick
+            }
             _ = health_tick.tick() => {
                 if sup.check_health(&mut watches) {
                     return Ok(());

@@ -414,3 +414,38 @@ fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
     );
     assert!(s.healthy());
 }
+
+#[test]
+fn a_watchdog_give_up_ends_once_the_window_frees_a_replacement() {
+    let t0 = Instant::now();
+    let s_ = |secs: u64| t0 + Duration::from_secs(secs);
+    let mut pid = 100;
+    let mut settings = settings(1, ReadyMode::Alive(Duration::ZERO));
+    settings.health = HealthSettings {
+        worker_watchdog: Some(Duration::from_secs(1)),
+        max_replacements: 1,
+        window: Duration::from_secs(10),
+    };
+    let mut s = State::new(settings);
+    run(&mut s, Event::Start, t0, &mut pid);
+    run(&mut s, Event::Tick, t0, &mut pid);
+    assert_eq!(s.serving, Some(1));
+    // Silent for 1s: replaced (the budget of 1 is used).
+    run(&mut s, Event::Tick, s_(1), &mut pid);
+    run(&mut s, Event::Tick, s_(1), &mut pid);
+    assert!(s.healthy());
+    // The replacement is silent too: no budget left, nogap gives up.
+    run(&mut s, Event::Tick, s_(2), &mut pid);
+    assert!(!s.healthy(), "gave up");
+    // The retry is scheduled for when the window frees the budget; until then
+    // nothing happens, and there is no busy deadline in the past.
+    let d = s.next_deadline().unwrap();
+    assert!(d > s_(2), "a future deadline, got {:?}", d - t0);
+    run(&mut s, Event::Tick, s_(11), &mut pid);
+    run(&mut s, Event::Tick, s_(11), &mut pid);
+    assert!(
+        s.healthy(),
+        "the unhealthy worker was replaced: no longer given up"
+    );
+    assert!(s.next_deadline().unwrap() > s_(11));
+}
