@@ -6,6 +6,37 @@
 #[path = "systemd/harness.rs"]
 mod harness;
 
+#[path = "common/load.rs"]
+mod load;
+
+#[path = "systemd/fixture.rs"]
+mod fixture;
+#[path = "systemd/reload.rs"]
+mod reload;
+
+/// One test per release, `NAME::bookworm` and `NAME::trixie`, each in its
+/// own container.
+macro_rules! on_both {
+    ($name:ident => $scenario:path) => {
+        mod $name {
+            use crate::harness::Release;
+
+            #[test]
+            fn bookworm() {
+                $scenario(Release::Bookworm)
+            }
+
+            #[test]
+            fn trixie() {
+                $scenario(Release::Trixie)
+            }
+        }
+    };
+}
+
+on_both!(reload_under_load => crate::reload::under_load);
+on_both!(reload_that_fails => crate::reload::failed);
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

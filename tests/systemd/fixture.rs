@@ -1,0 +1,247 @@
+//! What the scenarios share: a booted container with the host-built `nogap`
+//! and `nogap-demo` in `/usr/bin`, the shipped units (`units/`) on a free
+//! port, the service's processes and properties, and load from the host.
+
+// Each scenario uses a subset.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::harness::{free_port, progress, wait_for, Container, OutputExt, Release, SHARE};
+use super::load::{get_once, Load, LoadConfig, Mode, Report, Response, Target};
+
+/// The shipped units, as in the repository.
+pub const EXAMPLE_SERVICE: &str = include_str!("../../units/example.service");
+pub const EXAMPLE_SOCKET: &str = include_str!("../../units/example.socket");
+pub const FDSTORE_SERVICE: &str = include_str!("../../units/example-fdstore.service");
+pub const NOTIFY_RELOAD_SERVICE: &str = include_str!("../../units/example-notify-reload.service");
+
+/// The address in the shipped units; tests replace it with a free port.
+const SHIPPED_ADDR: &str = "127.0.0.1:8080";
+
+/// Per-request timeout of the load: generous, a 2-CPU box runs two
+/// containers and the load at once. A connection waiting in a held socket's
+/// queue across a restart waits this long before it counts as a timeout.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound of every load run (they are stopped much earlier).
+const LOAD_MAX: Duration = Duration::from_secs(300);
+/// For things that should happen soon.
+pub const SOON: Duration = Duration::from_secs(30);
+
+/// A container with nogap installed and a free port for its service.
+pub struct Nogap {
+    pub c: Container,
+    pub port: u16,
+}
+
+impl Nogap {
+    /// Boots `release` and installs the host-built binaries as
+    /// `/usr/bin/nogap` and `/usr/bin/nogap-demo`, where the units expect them.
+    pub fn boot(release: Release) -> Nogap {
+        let c = Container::boot(release);
+        for (bin, host) in [
+            ("nogap", env!("CARGO_BIN_EXE_nogap")),
+            ("nogap-demo", env!("CARGO_BIN_EXE_nogap-demo")),
+        ] {
+            std::fs::copy(host, c.share_dir().join(bin))
+                .unwrap_or_else(|e| panic!("copy {host} into the shared directory: {e}"));
+            c.exec(&["cp", &format!("{SHARE}/{bin}"), &format!("/usr/bin/{bin}")])
+                .expect_success(&format!("install {bin}"));
+        }
+        Nogap {
+            c,
+            port: free_port(),
+        }
+    }
+
+    pub fn release(&self) -> Release {
+        self.c.release()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A shipped unit with its address moved to this test's port (the only
+    /// change). Panics if the text does not contain the shipped address.
+    pub fn on_port(&self, shipped: &str) -> String {
+        assert!(
+            shipped.contains(SHIPPED_ADDR),
+            "the shipped unit no longer listens on {SHIPPED_ADDR}:\n{shipped}"
+        );
+        shipped.replace(SHIPPED_ADDR, &format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Writes `/etc/systemd/system/<name>` and reloads systemd.
+    pub fn install(&self, name: &str, text: &str) {
+        self.c.install_unit(name, text);
+    }
+
+    /// `example.socket` on this port and `example.service`, both as shipped.
+    pub fn install_socket_pair(&self) {
+        self.install("example.socket", &self.on_port(EXAMPLE_SOCKET));
+        self.install("example.service", EXAMPLE_SERVICE);
+    }
+
+    /// Writes an executable script inside.
+    pub fn script(&self, path: &str, body: &str) {
+        self.c.write_file(path, body.as_bytes(), 0o755);
+    }
+
+    /// `systemctl args...`, which must succeed.
+    pub fn systemctl(&self, args: &[&str]) -> String {
+        self.c
+            .systemctl(args)
+            .expect_success(&format!("systemctl {}", args.join(" ")))
+    }
+
+    /// One property of a unit (`systemctl show -p NAME --value`).
+    pub fn show(&self, unit: &str, property: &str) -> String {
+        self.systemctl(&["show", "-p", property, "--value", unit])
+            .trim()
+            .to_owned()
+    }
+
+    /// The unit's main process, if it has one.
+    pub fn main_pid(&self, unit: &str) -> Option<u32> {
+        let pid: u32 = self
+            .show(unit, "MainPID")
+            .parse()
+            .expect("MainPID is a number");
+        (pid != 0).then_some(pid)
+    }
+
+    /// Every process in the unit's cgroup (inside pids). Empty when the
+    /// cgroup is gone.
+    pub fn cgroup_procs(&self, unit: &str) -> Vec<u32> {
+        let cgroup = self.show(unit, "ControlGroup");
+        if cgroup.is_empty() {
+            return Vec::new();
+        }
+        // A cgroup systemd removed has no cgroup.procs: nothing is in it.
+        let out = self.c.sh(&format!(
+            "cat /sys/fs/cgroup{cgroup}/cgroup.procs 2>/dev/null || true"
+        ));
+        out.expect_success("read cgroup.procs")
+            .split_whitespace()
+            .map(|p| p.parse().expect("a pid in cgroup.procs"))
+            .collect()
+    }
+
+    /// The environment of a process inside, as `KEY=VALUE` strings.
+    pub fn environ(&self, pid: u32) -> Vec<String> {
+        let out = self.c.exec(&["cat", &format!("/proc/{pid}/environ")]);
+        assert!(out.status.success(), "read environ of {pid}: {out:?}");
+        out.stdout
+            .split(|&b| b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
+    /// One request on a new connection to the service's port.
+    pub fn probe(&self) -> Response {
+        get_once(&Target::Tcp(self.addr()), LOAD_TIMEOUT)
+            .unwrap_or_else(|f| panic!("request to {}: {f}", self.addr()))
+    }
+
+    /// The generation that answers a new connection.
+    pub fn serving_generation(&self) -> u32 {
+        let r = self.probe();
+        r.gen
+            .unwrap_or_else(|| panic!("no generation in the answer {:?}", r.body))
+    }
+
+    /// `journalctl -u UNIT -o json`, one object per entry.
+    pub fn journal_json(&self, unit: &str) -> Vec<serde_json::Value> {
+        self.c
+            .journalctl(&["-u", unit, "-o", "json"])
+            .expect_success("journalctl -o json")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal line {l}: {e}")))
+            .collect()
+    }
+
+    /// `journalctl -u UNIT` as text, for messages.
+    pub fn journal(&self, unit: &str) -> String {
+        self.c.journalctl(&["-u", unit]).stdout_text()
+    }
+
+    /// Waits until `systemctl show` says `property` of `unit` is `value`.
+    pub fn wait_property(&self, unit: &str, property: &str, value: &str, timeout: Duration) {
+        wait_for(format!("{property}={value} of {unit}"), timeout, || {
+            (self.show(unit, property) == value).then_some(())
+        });
+    }
+}
+
+/// Keep-alive and new-connection load on one address at once.
+pub struct Traffic {
+    keep_alive: Load,
+    new_conn: Load,
+}
+
+/// Both reports of a [`Traffic`] run.
+pub struct Reports {
+    pub keep_alive: Report,
+    pub new_conn: Report,
+}
+
+impl Traffic {
+    /// `n` connections of each mode, each request with [`LOAD_TIMEOUT`].
+    /// Waits until both have had some answers.
+    pub fn start(addr: SocketAddr, n: usize) -> Traffic {
+        let config = |mode| {
+            LoadConfig::new(addr, mode)
+                .connections(n)
+                .duration(LOAD_MAX)
+                .timeout(LOAD_TIMEOUT)
+                .pause(Duration::from_millis(2))
+        };
+        let t = Traffic {
+            keep_alive: Load::start(config(Mode::KeepAlive)),
+            new_conn: Load::start(config(Mode::NewConnection)),
+        };
+        t.wait_for_answers(20);
+        t
+    }
+
+    /// Both loads got `n` more answers: traffic flows now.
+    pub fn wait_for_answers(&self, n: u64) {
+        for load in [&self.keep_alive, &self.new_conn] {
+            assert!(
+                load.wait_for_more_ok(n, SOON),
+                "the load got no answers for {SOON:?} ({} ok, {} failed so far)",
+                load.ok(),
+                load.failed()
+            );
+        }
+    }
+
+    /// When the load started, for [`Report`] time filters.
+    pub fn start_instant(&self) -> Instant {
+        self.keep_alive.start_instant()
+    }
+
+    pub fn stop(self) -> Reports {
+        let reports = Reports {
+            keep_alive: self.keep_alive.stop(),
+            new_conn: self.new_conn.stop(),
+        };
+        progress(format!("load: {}", reports.keep_alive.summary()));
+        progress(format!("load: {}", reports.new_conn.summary()));
+        reports
+    }
+}
+
+impl Reports {
+    pub fn assert_no_failures(&self) {
+        self.keep_alive.assert_no_failures();
+        self.new_conn.assert_no_failures();
+    }
+
+    pub fn both(&self) -> [&Report; 2] {
+        [&self.keep_alive, &self.new_conn]
+    }
+}
