@@ -83,5 +83,9 @@ exec "$DEMO""#,
     assert!(report.pids().contains(&stable));
     // Last, as the most specific: the first restart is immediate (one crash
     // recovers at once), then quick failures back off 100ms, doubling.
-    assert_eq!(backoffs, [0, 100, 200, 400], "backoff: 0, then 100ms doubling");
+    assert_eq!(
+        backoffs,
+        [0, 100, 200, 400],
+        "backoff: 0, then 100ms doubling"
+    );
 }
