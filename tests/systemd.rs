@@ -9,6 +9,8 @@ mod harness;
 #[path = "common/load.rs"]
 mod load;
 
+#[path = "systemd/activation.rs"]
+mod activation;
 #[path = "systemd/fixture.rs"]
 mod fixture;
 #[path = "systemd/reload.rs"]
@@ -34,6 +36,7 @@ macro_rules! on_both {
     };
 }
 
+on_both!(socket_activation => crate::activation::first_connection_starts_the_service);
 on_both!(reload_under_load => crate::reload::under_load);
 on_both!(reload_that_fails => crate::reload::failed);
 
