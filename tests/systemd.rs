@@ -15,6 +15,8 @@ mod activation;
 mod fixture;
 #[path = "systemd/reload.rs"]
 mod reload;
+#[path = "systemd/restart.rs"]
+mod restart;
 
 /// One test per release, `NAME::bookworm` and `NAME::trixie`, each in its
 /// own container.
@@ -39,6 +41,8 @@ macro_rules! on_both {
 on_both!(socket_activation => crate::activation::first_connection_starts_the_service);
 on_both!(reload_under_load => crate::reload::under_load);
 on_both!(reload_that_fails => crate::reload::failed);
+on_both!(restart_with_socket_unit => crate::restart::with_socket_unit);
+on_both!(restart_with_fd_store => crate::restart::with_fd_store);
 
 use std::fs;
 use std::io::{Read, Write};

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::harness::{free_port, progress, wait_for, Container, OutputExt, Release, SHARE};
-use super::load::{get_once, Load, LoadConfig, Mode, Report, Response, Target};
+use super::load::{get_once, FailureKind, Load, LoadConfig, Mode, Report, Response, Target};
 
 /// The shipped units, as in the repository.
 pub const EXAMPLE_SERVICE: &str = include_str!("../../units/example.service");
@@ -84,6 +84,14 @@ impl Nogap {
         self.install("example.service", EXAMPLE_SERVICE);
     }
 
+    /// Whether a process inside still exists (zombies count as gone).
+    pub fn alive(&self, pid: u32) -> bool {
+        let out = self.c.sh(&format!(
+            "grep -q '^State:[[:space:]]*[^Z]' /proc/{pid}/status 2>/dev/null"
+        ));
+        out.status.success()
+    }
+
     /// Writes an executable script inside.
     pub fn script(&self, path: &str, body: &str) {
         self.c.write_file(path, body.as_bytes(), 0o755);
@@ -119,6 +127,13 @@ impl Nogap {
         if cgroup.is_empty() {
             return Vec::new();
         }
+        self.procs_in(&cgroup)
+    }
+
+    /// Every process in the cgroup `path` (as in `ControlGroup=`); empty
+    /// when it is gone.
+    pub fn procs_in(&self, cgroup: &str) -> Vec<u32> {
+        assert!(cgroup.starts_with('/'), "cgroup path {cgroup:?}");
         // A cgroup systemd removed has no cgroup.procs: nothing is in it.
         let out = self.c.sh(&format!(
             "cat /sys/fs/cgroup{cgroup}/cgroup.procs 2>/dev/null || true"
@@ -236,6 +251,39 @@ impl Traffic {
 }
 
 impl Reports {
+    /// Connections refused by both loads: nobody held the listening socket.
+    pub fn refused(&self) -> u64 {
+        self.both()
+            .iter()
+            .map(|r| r.failures_of(FailureKind::Refused))
+            .sum()
+    }
+
+    /// Failed requests of both loads, of any kind.
+    pub fn failed(&self) -> u64 {
+        self.both().iter().map(|r| r.failed()).sum()
+    }
+
+    /// Panics, with both summaries and the first failures, if a connection
+    /// was refused.
+    pub fn assert_none_refused(&self) {
+        if self.refused() == 0 {
+            return;
+        }
+        let first: Vec<String> = self
+            .both()
+            .iter()
+            .flat_map(|r| r.failure_log.iter().take(10).map(|f| f.to_string()))
+            .collect();
+        panic!(
+            "{} connections refused:\n{}\n{}\nfirst failures:\n{}",
+            self.refused(),
+            self.keep_alive.summary(),
+            self.new_conn.summary(),
+            first.join("\n")
+        );
+    }
+
     pub fn assert_no_failures(&self) {
         self.keep_alive.assert_no_failures();
         self.new_conn.assert_no_failures();
