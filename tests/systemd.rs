@@ -17,6 +17,8 @@ mod fixture;
 mod reload;
 #[path = "systemd/restart.rs"]
 mod restart;
+#[path = "systemd/watchdog.rs"]
+mod watchdog;
 
 /// One test per release, `NAME::bookworm` and `NAME::trixie`, each in its
 /// own container.
@@ -43,6 +45,8 @@ on_both!(reload_under_load => crate::reload::under_load);
 on_both!(reload_that_fails => crate::reload::failed);
 on_both!(restart_with_socket_unit => crate::restart::with_socket_unit);
 on_both!(restart_with_fd_store => crate::restart::with_fd_store);
+on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
+on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
 
 use std::fs;
 use std::io::{Read, Write};

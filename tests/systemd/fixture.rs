@@ -78,6 +78,17 @@ impl Nogap {
         self.c.install_unit(name, text);
     }
 
+    /// Writes the drop-in `/etc/systemd/system/<unit>.d/<name>.conf` and
+    /// reloads systemd.
+    pub fn drop_in(&self, unit: &str, name: &str, text: &str) {
+        self.c.write_file(
+            &format!("/etc/systemd/system/{unit}.d/{name}.conf"),
+            text.as_bytes(),
+            0o644,
+        );
+        self.systemctl(&["daemon-reload"]);
+    }
+
     /// `example.socket` on this port and `example.service`, both as shipped.
     pub fn install_socket_pair(&self) {
         self.install("example.socket", &self.on_port(EXAMPLE_SOCKET));
