@@ -13,6 +13,8 @@ mod load;
 mod activation;
 #[path = "systemd/fixture.rs"]
 mod fixture;
+#[path = "systemd/journal.rs"]
+mod journal;
 #[path = "systemd/reload.rs"]
 mod reload;
 #[path = "systemd/restart.rs"]
@@ -47,6 +49,7 @@ on_both!(restart_with_socket_unit => crate::restart::with_socket_unit);
 on_both!(restart_with_fd_store => crate::restart::with_fd_store);
 on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
 on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
+on_both!(journal_fields => crate::journal::structured_fields);
 
 use std::fs;
 use std::io::{Read, Write};
