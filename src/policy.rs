@@ -12,7 +12,7 @@
 //! | a serving worker exits | replaced in its slot, after a backoff that doubles per quick failure (capped) |
 //! | a draining worker exits | forgotten |
 //! | drain timeout | SIGKILL to the worker's process group |
-//! | a daemonizing worker's main process is known (MainPid) | the worker is that process from now on; a stop already sent is repeated to it |
+//! | a daemonizing worker's main process is known (MainPid) | the worker is that process from now on (and can become ready: alive time counts from now); a stop already sent is repeated to it |
 //! | Stop | stop signal to every worker; exit once all are gone |
 //! | a queue stalls, a worker misses its watchdog or nears its fd limit | a replacement starts in its slot; once ready, the unhealthy worker drains (at most `max_replacements` per `window`, one at a time) |
 //! | replacements exhausted while still unhealthy | say so (logs, STATUS=); `healthy()` turns false until the queues move again |
@@ -37,6 +37,9 @@ pub struct Settings {
     pub stop: StopPolicy,
     pub backoff: Backoff,
     pub health: HealthSettings,
+    /// Workers daemonize (`--pidfile`): one is ready only once nogap follows
+    /// its daemon (`MainPid`), by `READY=1` or the alive time counted from then.
+    pub daemonizes: bool,
 }
 
 /// How unhealthy workers are replaced.
@@ -305,7 +308,7 @@ impl State {
                 self.maybe_clear_gave_up(&mut out);
             }
             Event::Unhealthy { worker, reason } => self.unhealthy(worker, reason, now, &mut out),
-            Event::MainPid { worker, pid } => self.main_pid(worker, pid, &mut out),
+            Event::MainPid { worker, pid } => self.main_pid(worker, pid, now, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         self.maybe_clear_gave_up(&mut out);
@@ -477,6 +480,7 @@ impl State {
     fn spawned(&mut self, id: WorkerId, pid: i32, now: Instant) {
         let ready_mode = self.settings.ready;
         let timeout = self.settings.start_timeout;
+        let daemonizes = self.settings.daemonizes;
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -484,8 +488,8 @@ impl State {
         w.state = WorkerState::Starting {
             pid,
             ready_at: match ready_mode {
-                ReadyMode::Alive(d) => Some(now + d),
-                ReadyMode::Notify => None,
+                ReadyMode::Alive(d) if !daemonizes => Some(now + d),
+                _ => None,
             },
             deadline: now + timeout,
         };
@@ -607,17 +611,24 @@ impl State {
         self.add_worker(w.generation, w.slot, w.restarts + 1, now + delay, None);
     }
 
-    /// Follow a daemonized worker's new main process. Its state and
-    /// deadlines stay; a stop signal or SIGKILL already sent to the first
-    /// process is sent to the new one.
-    fn main_pid(&mut self, id: WorkerId, new: i32, out: &mut Vec<Action>) {
+    /// Follow a daemonized worker's new main process. Its state and start
+    /// deadline stay; the alive time starts now; a stop signal or SIGKILL
+    /// already sent to the first process is sent to the new one.
+    fn main_pid(&mut self, id: WorkerId, new: i32, now: Instant, out: &mut Vec<Action>) {
         let signal = self.settings.stop.signal;
+        let ready_mode = self.settings.ready;
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         let old = w.state.pid();
         match &mut w.state {
-            WorkerState::Starting { pid, .. } | WorkerState::Ready { pid, .. } => *pid = new,
+            WorkerState::Starting { pid, ready_at, .. } => {
+                *pid = new;
+                if let ReadyMode::Alive(d) = ready_mode {
+                    *ready_at = Some(now + d);
+                }
+            }
+            WorkerState::Ready { pid, .. } => *pid = new,
             WorkerState::Draining { pid, .. } => {
                 *pid = new;
                 out.push(Action::Signal { pid: new, signal });

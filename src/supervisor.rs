@@ -187,6 +187,7 @@ pub async fn run(
             max_replacements: config.health.max_replacements,
             ..Default::default()
         },
+        daemonizes: config.launch.pidfile.is_some(),
     };
     let health = config.health;
     if config.fd_store {

@@ -16,6 +16,15 @@ use nix::unistd::Pid;
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 
+/// The steps of `child_after_fork` that can fail, reported to the parent.
+const STEP_SETPGID: c_int = 1;
+const STEP_RLIMIT: c_int = 2;
+const STEP_GROUPS: c_int = 3;
+const STEP_UID: c_int = 4;
+const STEP_CHDIR: c_int = 5;
+const STEP_FDS: c_int = 6;
+const STEP_EXEC: c_int = 7;
+
 /// Credentials a worker runs with, resolved before fork.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
@@ -138,7 +147,8 @@ impl ExecPlan {
             unsafe { self.child_after_fork(wr.as_raw_fd(), parent) }
         }
         drop(wr);
-        let mut buf = [0u8; 4];
+        // The child writes the step that failed and errno, 4 bytes each.
+        let mut buf = [0u8; 8];
         let mut got = 0;
         loop {
             match nix::unistd::read(rd.as_raw_fd(), &mut buf[got..]) {
@@ -157,7 +167,35 @@ impl ExecPlan {
             return Ok(Pid::from_raw(pid));
         }
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
+        let step = i32::from_ne_bytes(buf[..4].try_into().expect("4 bytes"));
+        let errno =
+            io::Error::from_raw_os_error(i32::from_ne_bytes(buf[4..].try_into().expect("4 bytes")));
+        Err(match self.step_name(step) {
+            None => errno,
+            Some(what) => io::Error::new(errno.kind(), format!("{what}: {errno}")),
+        })
+    }
+
+    /// What the child was doing at `step` (see `child_after_fork`); None
+    /// for execve itself, whose error speaks for itself.
+    fn step_name(&self, step: i32) -> Option<String> {
+        let creds = &self.settings.credentials;
+        Some(match step {
+            STEP_SETPGID => "setpgid".into(),
+            STEP_RLIMIT => format!("setrlimit(RLIMIT_NOFILE, {})", self.nofile.rlim_cur),
+            STEP_CHDIR => format!(
+                "chdir {}",
+                self.settings
+                    .chdir
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display()
+            ),
+            STEP_GROUPS => format!("setgid {}", creds.gid.unwrap_or(0)),
+            STEP_UID => format!("setuid {}", creds.uid.unwrap_or(0)),
+            STEP_FDS => "passing the sockets".into(),
+            _ => return None,
+        })
     }
 
     /// The child between fork and exec.
@@ -173,15 +211,15 @@ impl ExecPlan {
         if err_fd < 0 {
             libc::_exit(127);
         }
-        let fail = |fd: RawFd| -> ! {
-            let errno = *libc::__errno_location();
-            libc::write(fd, &errno as *const c_int as *const libc::c_void, 4);
+        let fail = |fd: RawFd, step: c_int| -> ! {
+            let report = [step, *libc::__errno_location()];
+            libc::write(fd, report.as_ptr() as *const libc::c_void, 8);
             libc::_exit(127)
         };
 
         // Own process group, default signal mask and dispositions.
         if libc::setpgid(0, 0) != 0 {
-            fail(err_fd);
+            fail(err_fd, STEP_SETPGID);
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -203,30 +241,32 @@ impl ExecPlan {
         }
 
         // Limits and process settings, then credentials (which clear the
-        // parent-death signal, so that comes after).
+        // parent-death signal, so that comes after), then the working
+        // directory as the worker's user (as systemd does: the directory
+        // must be one that user can enter).
         if self.settings.nofile.is_some() && libc::setrlimit(libc::RLIMIT_NOFILE, &self.nofile) != 0
         {
-            fail(err_fd);
+            fail(err_fd, STEP_RLIMIT);
         }
         if let Some(mask) = self.settings.umask {
             libc::umask(mask);
-        }
-        if let Some(dir) = &self.chdir {
-            if libc::chdir(dir.as_ptr()) != 0 {
-                fail(err_fd);
-            }
         }
         let creds = &self.settings.credentials;
         if let Some(gid) = creds.gid {
             if libc::setgroups(creds.groups.len(), creds.groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
             {
-                fail(err_fd);
+                fail(err_fd, STEP_GROUPS);
             }
         }
         if let Some(uid) = creds.uid {
             if libc::setuid(uid) != 0 {
-                fail(err_fd);
+                fail(err_fd, STEP_UID);
+            }
+        }
+        if let Some(dir) = &self.chdir {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                fail(err_fd, STEP_CHDIR);
             }
         }
         // Die with nogap, even if it is SIGKILLed. The signal fires when the
@@ -241,13 +281,13 @@ impl ExecPlan {
         for i in 0..self.fds.len() {
             let t = libc::fcntl(self.fds[i], libc::F_DUPFD_CLOEXEC, 3 + n);
             if t < 0 {
-                fail(err_fd);
+                fail(err_fd, STEP_FDS);
             }
             self.scratch[i] = t;
         }
         for i in 0..self.fds.len() {
             if libc::dup2(self.scratch[i], 3 + i as c_int) < 0 {
-                fail(err_fd);
+                fail(err_fd, STEP_FDS);
             }
         }
         // Nothing else of nogap's crosses exec: everything above the sockets
@@ -259,7 +299,7 @@ impl ExecPlan {
             libc::CLOSE_RANGE_CLOEXEC,
         ) != 0
         {
-            fail(err_fd);
+            fail(err_fd, STEP_FDS);
         }
 
         if n > 0 {
@@ -273,7 +313,7 @@ impl ExecPlan {
             self.argv_ptrs.as_ptr(),
             self.envp_ptrs.as_ptr(),
         );
-        fail(err_fd)
+        fail(err_fd, STEP_EXEC)
     }
 }
 

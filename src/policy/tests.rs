@@ -14,6 +14,7 @@ fn settings(workers: u32, ready: ReadyMode) -> Settings {
         },
         backoff: Backoff::default(),
         health: HealthSettings::default(),
+        daemonizes: false,
     }
 }
 
@@ -321,6 +322,35 @@ fn daemonized_worker_is_followed() {
         t0,
     );
     assert!(out.contains(&Action::Exit), "{out:?}");
+}
+
+#[test]
+fn a_daemonizing_worker_is_ready_only_once_followed() {
+    let t0 = Instant::now();
+    let s_ = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut pid = 100;
+    let mut settings = settings(1, ReadyMode::Alive(Duration::from_millis(300)));
+    settings.daemonizes = true;
+    let mut s = State::new(settings);
+    run(&mut s, Event::Start, t0, &mut pid);
+    let id = *s.workers.keys().next().unwrap();
+    // The alive time passes while nogap waits for the pid file.
+    run(&mut s, Event::Tick, s_(400), &mut pid);
+    assert_eq!(s.serving, None);
+    run(
+        &mut s,
+        Event::MainPid {
+            worker: id,
+            pid: 555,
+        },
+        s_(500),
+        &mut pid,
+    );
+    run(&mut s, Event::Tick, s_(700), &mut pid);
+    assert_eq!(s.serving, None, "alive time counts from the daemon");
+    run(&mut s, Event::Tick, s_(800), &mut pid);
+    assert_eq!(s.serving, Some(1));
+    assert_eq!(pids_in(&s, 1), vec![555]);
 }
 
 #[test]

@@ -232,3 +232,36 @@ fn racing_starts_on_a_stale_socket_leave_one_working_owner() {
         );
     }
 }
+
+/// The working directory is entered as the worker's user (as systemd does),
+/// and a failure names the step.
+#[test]
+fn a_directory_the_user_cannot_enter_is_reported() {
+    require_setup();
+    let dir = scratch();
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let nogap = Nogap::run(
+        dir.path(),
+        &strings(&[
+            "-l",
+            &format!("unix:{}/s.sock", dir.path().display()),
+            "--user",
+            TEST_USER,
+            "--chdir",
+            private.to_str().unwrap(),
+            "--",
+            "/bin/true",
+        ]),
+    );
+    let line = nogap.wait_for_log("worker cannot start", LONG);
+    assert!(
+        line.contains(&format!("chdir {}: Permission denied", private.display())),
+        "{line}"
+    );
+}

@@ -202,16 +202,25 @@ pub fn reloads_under_load(nogap: &Nogap, target: impl Into<Target>, reloads: u32
         new_conn.summary()
     );
     assert_eq!(nogap.count_log("reload failed"), 0, "a reload failed");
-    // A stop closes each idle connection at most once: more would be
-    // something else than the server's graceful stop.
+    // Stale closes come from servers stopping: each within a moment of a
+    // stop signal, about one per connection and stop (a retry can land on
+    // the old generation once more before it stops accepting).
+    let stops = stop_times(nogap);
+    for &at in &stale {
+        let when = anchor.1 + at.saturating_duration_since(anchor.0);
+        assert!(
+            stops.iter().any(|&s| when
+                .duration_since(s)
+                .is_ok_and(|d| d <= Duration::from_secs(2))),
+            "a keep-alive connection was closed under a request {:?} after the loads \
+             started, not right after a stop signal",
+            at.saturating_duration_since(anchor.0)
+        );
+    }
     assert!(
-        stale.len() <= CONNECTIONS * reloads as usize,
+        stale.len() <= 2 * CONNECTIONS * reloads as usize,
         "{} stale keep-alive closes in {reloads} reloads of {CONNECTIONS} connections",
         stale.len()
-    );
-    assert!(
-        stale.iter().all(|&s| s < t),
-        "a keep-alive connection was closed after the last reload was done"
     );
     Outcome {
         keep_alive,
