@@ -15,6 +15,8 @@ mod activation;
 mod fixture;
 #[path = "systemd/journal.rs"]
 mod journal;
+#[path = "systemd/notify_reload.rs"]
+mod notify_reload;
 #[path = "systemd/reload.rs"]
 mod reload;
 #[path = "systemd/restart.rs"]
@@ -50,6 +52,21 @@ on_both!(restart_with_fd_store => crate::restart::with_fd_store);
 on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
 on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
 on_both!(journal_fields => crate::journal::structured_fields);
+
+// Type=notify-reload needs systemd 253: trixie only.
+mod notify_reload_under_load {
+    #[test]
+    fn trixie() {
+        crate::notify_reload::reload_under_load(crate::harness::Release::Trixie)
+    }
+}
+
+mod notify_reload_that_fails {
+    #[test]
+    fn trixie() {
+        crate::notify_reload::failed_reload(crate::harness::Release::Trixie)
+    }
+}
 
 use std::fs;
 use std::io::{Read, Write};

@@ -1,27 +1,38 @@
 //! `systemctl reload` of the shipped `example.service` (+ `example.socket`):
-//! under load, and when the new generation cannot start.
+//! under load, and when the new generation cannot start. The loops here also
+//! serve the `Type=notify-reload` variant (`notify_reload.rs`).
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use super::fixture::{Nogap, Traffic};
+use super::fixture::{Nogap, Traffic, EXAMPLE_SERVICE, EXAMPLE_SOCKET};
 use super::harness::{progress, OutputExt, Release};
 use super::load::Report;
 
-const UNIT: &str = "example.service";
+/// The name the services are installed under: `example.socket` triggers it.
+pub const UNIT: &str = "example.service";
 const RELOADS: u32 = 20;
 
-/// 20 × `systemctl reload` under keep-alive and new-connection load: no
-/// request fails, and each reload returns only once the new generation
-/// serves: systemd's status text names it, and the next new connection is
-/// answered by it, or by an old worker that got its stop signal but has not
-/// closed its listener yet (nogap does not wait for that; counted, and
-/// bounded below).
+/// How long after `systemctl reload` returned an old worker may still
+/// accept a new connection.
+const LATE_BOUND: Duration = Duration::from_secs(1);
+
+/// 20 × `systemctl reload` of `example.service` under load.
 pub fn under_load(release: Release) {
     let n = Nogap::boot(release);
     n.install_socket_pair();
     n.systemctl(&["start", "example.socket", UNIT]);
-    assert_eq!(n.serving_generation(), 1);
+    reloads_under_load(&n);
+}
 
+/// 20 × `systemctl reload` of the running `example.service` (generation 1)
+/// under keep-alive and new-connection load: no request fails, and each
+/// reload returns only once the new generation serves: systemd's status
+/// text names it, and the next new connection is answered by it, or by an
+/// old worker that got its stop signal but has not closed its listener yet
+/// (nogap does not wait for that; counted, and bounded).
+pub fn reloads_under_load(n: &Nogap) {
+    assert_eq!(n.serving_generation(), 1);
     let traffic = Traffic::start(n.addr(), 3);
     let mut took = Vec::new();
     let mut returned = Vec::new();
@@ -52,11 +63,12 @@ pub fn under_load(release: Release) {
     took.sort();
     let late = late_answers(&reports.new_conn, &returned);
     progress(format!(
-        "{}: {RELOADS} reloads, systemctl reload took {:.0?} (median) to {:.0?} (max); \
+        "{} ({}): {RELOADS} reloads, systemctl reload took {:.0?} (median) to {:.0?} (max); \
          the first new connection after return was answered by the old generation \
          {probes_old} times; under load {} new connections started after a reload \
          returned were answered by the old generation, at most {:.1?} after it",
-        release.codename(),
+        n.release().codename(),
+        n.show(UNIT, "Type"),
         took[took.len() / 2],
         took[took.len() - 1],
         late.len(),
@@ -69,14 +81,9 @@ pub fn under_load(release: Release) {
         "old workers accepted up to {:?} after the reload returned",
         late.iter().max()
     );
-    let last = RELOADS + 1;
-    assert_eq!(n.serving_generation(), last);
+    assert_eq!(n.serving_generation(), RELOADS + 1);
     assert_eq!(n.show(UNIT, "ActiveState"), "active");
 }
-
-/// How long after `systemctl reload` returned an old worker may still
-/// accept a new connection.
-const LATE_BOUND: Duration = Duration::from_secs(1);
 
 /// For each request of `report` answered by an older generation than the
 /// last reload that had returned when the request started: how long after
@@ -93,67 +100,98 @@ fn late_answers(report: &Report, returned: &[(Instant, u32)]) -> Vec<Duration> {
         .collect()
 }
 
-/// A reload whose new workers exit before they are ready: `systemctl reload`
-/// fails, the old generation keeps serving every request, and the status
-/// text says why. The next good reload works.
-pub fn failed(release: Release) {
-    let n = Nogap::boot(release);
-    // The only change besides the port: the worker is a wrapper that runs
-    // the demo, or makes it fail at start while the flag file exists.
+/// The flag file that makes new workers fail (see [`with_failing_workers`]).
+const FAIL_FLAG: &str = "/run/fail-workers";
+
+/// `service` with its worker replaced by a wrapper that runs the demo, or
+/// makes it fail at start while [`FAIL_FLAG`] exists; installs the wrapper.
+pub fn with_failing_workers(n: &Nogap, service: &str) -> String {
     n.script(
         "/usr/local/bin/demo-or-fail",
-        "#!/bin/sh\n\
-         if [ -e /run/fail-workers ]; then exec /usr/bin/nogap-demo --fail-at-start; fi\n\
-         exec /usr/bin/nogap-demo\n",
+        &format!(
+            "#!/bin/sh\n\
+             if [ -e {FAIL_FLAG} ]; then exec /usr/bin/nogap-demo --fail-at-start; fi\n\
+             exec /usr/bin/nogap-demo\n"
+        ),
     );
-    let service = super::fixture::EXAMPLE_SERVICE
-        .replace("-- /usr/bin/nogap-demo", "-- /usr/local/bin/demo-or-fail");
-    assert_ne!(service, super::fixture::EXAMPLE_SERVICE);
-    n.install("example.socket", &n.on_port(super::fixture::EXAMPLE_SOCKET));
+    let changed = service.replace("-- /usr/bin/nogap-demo", "-- /usr/local/bin/demo-or-fail");
+    assert_ne!(
+        changed, service,
+        "the unit's worker is no longer nogap-demo"
+    );
+    changed
+}
+
+/// A reload of `example.service` whose new workers exit before they are
+/// ready: `systemctl reload` fails, the old generation keeps serving every
+/// request, and the status text says why. The next good reload works.
+pub fn failed(release: Release) {
+    let n = Nogap::boot(release);
+    // The only change besides the port: the worker wrapper.
+    let service = with_failing_workers(&n, EXAMPLE_SERVICE);
+    n.install("example.socket", &n.on_port(EXAMPLE_SOCKET));
     n.install(UNIT, &service);
     n.systemctl(&["start", "example.socket", UNIT]);
-    assert_eq!(n.serving_generation(), 1);
+    let status = failing_reload_under_load(&n, true);
+    progress(format!(
+        "{}: status after the failed reload: {status:?}",
+        release.codename()
+    ));
+}
 
+/// Under load, on the running `example.service`: a good reload (to
+/// generation 2), one with failing workers (3), then a good one (4).
+/// `systemctl reload` of the failing one exits non-zero if `reload_fails`,
+/// else 0; either way generation 2 serves every request meanwhile, and the
+/// status text says why generation 3 failed (returned).
+pub fn failing_reload_under_load(n: &Nogap, reload_fails: bool) -> String {
+    assert_eq!(n.serving_generation(), 1);
     let traffic = Traffic::start(n.addr(), 3);
     n.systemctl(&["reload", UNIT]);
     assert_eq!(n.serving_generation(), 2);
 
-    n.c.exec(&["touch", "/run/fail-workers"])
-        .expect_success("touch the flag");
+    n.c.exec(&["touch", FAIL_FLAG])
+        .expect_success("create the flag file");
     let reload = n.c.systemctl(&["reload", UNIT]);
-    assert!(
-        !reload.status.success(),
-        "systemctl reload succeeded although the new workers fail:\n{}",
-        reload.stdout_text()
+    assert_eq!(
+        reload.status.success(),
+        !reload_fails,
+        "systemctl reload with failing workers: {}\n{}",
+        reload.status,
+        reload.stderr_text()
     );
     assert_eq!(n.serving_generation(), 2, "the old generation serves");
     traffic.wait_for_answers(20);
     let failed_status = n.show(UNIT, "StatusText");
-    let status = &failed_status;
     assert!(
-        status.starts_with("generation 2: 2/2 workers ready; last reload failed: worker ")
-            && status.contains("of generation 3 exited with status 3 before it was ready"),
-        "StatusText={status:?}"
+        failed_status.starts_with("generation 2: 2/2 workers ready; last reload failed: worker ")
+            && failed_status.contains("of generation 3 exited with status 3 before it was ready"),
+        "StatusText={failed_status:?}"
     );
     // `systemctl status` shows the same text, and the unit stays active.
     let shown = n.c.systemctl(&["status", UNIT]).stdout_text();
-    assert!(shown.contains(&format!("Status: \"{status}\"")), "{shown}");
-    assert_eq!(n.show(UNIT, "ActiveState"), "active");
-    // ExecReload's error line is in the unit's journal.
-    let journal = n.journal(UNIT);
     assert!(
-        journal.contains("nogap: reload failed: worker "),
-        "journal:\n{journal}"
+        shown.contains(&format!("Status: \"{failed_status}\"")),
+        "{shown}"
     );
+    assert_eq!(n.show(UNIT, "ActiveState"), "active");
+    if reload_fails {
+        // ExecReload's error line is in the unit's journal.
+        let journal = n.journal(UNIT);
+        assert!(
+            journal.contains("nogap: reload failed: worker "),
+            "journal:\n{journal}"
+        );
+    }
 
-    n.c.exec(&["rm", "/run/fail-workers"])
-        .expect_success("remove the flag");
+    n.c.exec(&["rm", FAIL_FLAG])
+        .expect_success("remove the flag file");
     n.systemctl(&["reload", UNIT]);
     assert_eq!(n.serving_generation(), 4);
     traffic.wait_for_answers(20);
     let reports = traffic.stop();
     reports.assert_no_failures();
-    let gens: std::collections::BTreeSet<u32> = reports
+    let gens: BTreeSet<u32> = reports
         .both()
         .iter()
         .flat_map(|r| r.samples.iter().map(|s| s.gen))
@@ -167,8 +205,5 @@ pub fn failed(release: Release) {
         status.starts_with("generation 4: 2/2 workers ready; last reload ok (generation 4)"),
         "StatusText={status:?}"
     );
-    progress(format!(
-        "{}: status after the failed reload: {failed_status:?}",
-        release.codename()
-    ));
+    failed_status
 }
