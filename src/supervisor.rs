@@ -161,6 +161,9 @@ pub struct Supervisor {
 }
 
 /// Run until stopped. Returns once every worker is gone.
+///
+/// This owns the process: it makes it a child subreaper, and when it
+/// returns it SIGKILLs whatever is left below the process (see `daemon`).
 pub async fn run(
     config: RunConfig,
     listeners: Vec<Listener>,
