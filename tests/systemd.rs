@@ -21,6 +21,8 @@ mod notify_reload;
 mod reload;
 #[path = "systemd/restart.rs"]
 mod restart;
+#[path = "systemd/verify.rs"]
+mod verify;
 #[path = "systemd/watchdog.rs"]
 mod watchdog;
 
@@ -52,6 +54,7 @@ on_both!(restart_with_fd_store => crate::restart::with_fd_store);
 on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
 on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
 on_both!(journal_fields => crate::journal::structured_fields);
+on_both!(verify_units => crate::verify::shipped_units);
 
 // Type=notify-reload needs systemd 253: trixie only.
 mod notify_reload_under_load {
