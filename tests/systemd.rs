@@ -11,6 +11,8 @@ mod load;
 
 #[path = "systemd/activation.rs"]
 mod activation;
+#[path = "systemd/bad_input.rs"]
+mod bad_input;
 #[path = "systemd/fixture.rs"]
 mod fixture;
 #[path = "systemd/journal.rs"]
@@ -55,6 +57,17 @@ on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
 on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
 on_both!(journal_fields => crate::journal::structured_fields);
 on_both!(verify_units => crate::verify::shipped_units);
+on_both!(bad_exec_start => crate::bad_input::bad_exec_start);
+on_both!(unauthorised_control => crate::bad_input::unauthorised_control);
+on_both!(garbage_on_control_socket => crate::bad_input::garbage_on_control_socket);
+
+// `systemd-notify --fd= --fdname=` needs systemd 254: trixie only.
+mod stored_fd_not_a_socket {
+    #[test]
+    fn trixie() {
+        crate::bad_input::stored_fd_not_a_socket(crate::harness::Release::Trixie)
+    }
+}
 
 // Type=notify-reload needs systemd 253: trixie only.
 mod notify_reload_under_load {

@@ -46,7 +46,7 @@ pub fn with_fd_store(release: Release) {
 /// nogap (new main pid, generation 1 again) serves, and no connection was
 /// refused. Other failures are reported, and must not happen either: every
 /// worker drains.
-fn restart_under_load(n: &Nogap, unit: &str) {
+pub fn restart_under_load(n: &Nogap, unit: &str) {
     let traffic = Traffic::start(n.addr(), 3);
     for _ in 0..RESTARTS {
         let before = n.main_pid(unit).expect("a main process");
