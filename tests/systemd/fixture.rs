@@ -2,11 +2,8 @@
 //! and `nogap-demo` in `/usr/bin`, the shipped units (`units/`) on a free
 //! port, the service's processes and properties, and load from the host.
 
-// Each scenario uses a subset.
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::harness::{free_port, progress, wait_for, Container, OutputExt, Release, SHARE};
 use super::load::{get_once, FailureKind, Load, LoadConfig, Mode, Report, Response, Target};
@@ -179,6 +176,15 @@ impl Nogap {
             .unwrap_or_else(|| panic!("no generation in the answer {:?}", r.body))
     }
 
+    /// Waits until a new connection is answered by generation `gen`. Right
+    /// after a reload, an old worker that has not handled its stop signal yet
+    /// may still accept one (see `reload::reloads_under_load`).
+    pub fn wait_generation(&self, gen: u32) {
+        wait_for(format!("generation {gen} to answer"), SOON, || {
+            (self.serving_generation() == gen).then_some(())
+        });
+    }
+
     /// `journalctl -u UNIT -o json`, one object per entry.
     pub fn journal_json(&self, unit: &str) -> Vec<serde_json::Value> {
         self.c
@@ -243,11 +249,6 @@ impl Traffic {
                 load.failed()
             );
         }
-    }
-
-    /// When the load started, for [`Report`] time filters.
-    pub fn start_instant(&self) -> Instant {
-        self.keep_alive.start_instant()
     }
 
     pub fn stop(self) -> Reports {

@@ -148,7 +148,7 @@ pub fn failing_reload_under_load(n: &Nogap, reload_fails: bool) -> String {
     assert_eq!(n.serving_generation(), 1);
     let traffic = Traffic::start(n.addr(), 3);
     n.systemctl(&["reload", UNIT]);
-    assert_eq!(n.serving_generation(), 2);
+    n.wait_generation(2);
 
     n.c.exec(&["touch", FAIL_FLAG])
         .expect_success("create the flag file");
@@ -187,7 +187,7 @@ pub fn failing_reload_under_load(n: &Nogap, reload_fails: bool) -> String {
     n.c.exec(&["rm", FAIL_FLAG])
         .expect_success("remove the flag file");
     n.systemctl(&["reload", UNIT]);
-    assert_eq!(n.serving_generation(), 4);
+    n.wait_generation(4);
     traffic.wait_for_answers(20);
     let reports = traffic.stop();
     reports.assert_no_failures();
