@@ -2,6 +2,18 @@
 //! container (systemd as PID 1) with the harness in `systemd/harness.rs`;
 //! see `systemd/README.md`. Needs root; the first run builds the root
 //! filesystems (about a minute each).
+//!
+//! The scenarios (`systemd/*.rs`, listed in the README) run the shipped
+//! units with the host-built binaries under load from the host, on bookworm
+//! (systemd 252) and trixie (257); this file also tests the harness itself.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use harness::{free_port, progress, wait_for, BootState, Container, OutputExt, Release, SHARE};
 
 #[path = "systemd/harness.rs"]
 mod harness;
@@ -83,14 +95,6 @@ mod notify_reload_that_fails {
         crate::notify_reload::failed_reload(crate::harness::Release::Trixie)
     }
 }
-
-use std::fs;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::time::Duration;
-
-use harness::{free_port, progress, wait_for, BootState, Container, OutputExt, Release, SHARE};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
