@@ -182,11 +182,15 @@ fn ask(path: &Path, request: Value, timeout: Duration) -> Result<Value, Error> {
     stream
         .set_read_timeout(Some(timeout))
         .map_err(unreachable)?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(unreachable)?;
+    // A server that refuses the peer answers without reading the request, so
+    // the write can fail (EPIPE) while the answer is waiting: read it anyway.
+    let written = stream.write_all(format!("{request}\n").as_bytes());
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).map_err(|e| {
+    let read = BufReader::new(stream).read_line(&mut line);
+    if let (Err(e), Ok(0) | Err(_)) = (written, &read) {
+        return Err(unreachable(e));
+    }
+    read.map_err(|e| {
         if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut {
             Error::ReloadFailed(format!(
                 "no answer within {}",

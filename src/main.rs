@@ -79,7 +79,13 @@ fn run(args: RunArgs, env: Environment) -> Result<(), Error> {
         );
         return Ok(());
     }
-    let listeners = sockets::open_all(inherited, &config.listen, config.backlog, config.reuseport)?;
+    let listeners = sockets::open_all(
+        inherited,
+        &config.listen,
+        config.backlog,
+        config.reuseport,
+        config.fd_store,
+    )?;
     // One thread: nogap is not in the data path, and workers are forked from
     // this (the main) thread, which lives as long as nogap — the
     // parent-death signal is tied to the forking thread.

@@ -46,6 +46,8 @@ pub struct Listener {
     /// True for TCP listeners, which have a readable accept queue.
     pub tcp: bool,
     pub inherited: bool,
+    /// Asked for with `--listen` (bound now, or taken back from the fd store).
+    pub listed: bool,
     /// For a unix socket nogap bound: the lock on `PATH.lock`, held while
     /// nogap holds the socket (see `bind_unix`).
     _lock: Option<Flock<File>>,
@@ -114,8 +116,12 @@ pub fn take_inherited(env: &Environment, from_store: bool) -> Result<Vec<Listene
 
 /// Give the sockets nogap bound itself to systemd's fd store, so that they
 /// survive a restart of nogap (they come back as LISTEN_FDS, by name).
+///
+/// Every `--listen` socket is stored, including ones just taken back from the
+/// store: systemd ignores an fd it holds already, and a socket that an
+/// `FDSTOREREMOVE=1` of its name (a stale entry) took out must go back in.
 pub fn store(listeners: &[Listener]) {
-    for l in listeners.iter().filter(|l| !l.inherited) {
+    for l in listeners.iter().filter(|l| l.listed) {
         let states = [
             sd_notify::NotifyState::FdStore,
             sd_notify::NotifyState::FdName(&l.name),
@@ -214,6 +220,7 @@ fn validate_inherited(raw: RawFd, name: String) -> Result<Listener, Error> {
         kind,
         tcp,
         inherited: true,
+        listed: false,
         _lock: None,
         local: local.as_socket(),
         fd,
@@ -263,6 +270,7 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
         kind,
         tcp,
         inherited: false,
+        listed: true,
         _lock: unix_lock,
         local: local.as_socket(),
         fd: sock.into(),
@@ -348,28 +356,45 @@ fn bind_unix(path: &Path, opts: &UnixOptions) -> io::Result<(Socket, Flock<File>
 }
 
 /// All sockets for a run: inherited ones first (in LISTEN_FDS order), then
-/// `--listen` in command-line order. A `--listen` whose name matches an
-/// inherited socket with the same address takes that socket instead of
-/// binding (that is how sockets come back from systemd's fd store).
+/// `--listen` in command-line order. A `--listen` takes an inherited socket
+/// of the same name and address instead of binding (that is how sockets come
+/// back from systemd's fd store). An inherited socket with the name of a
+/// `--listen` but another address is stale (the configuration changed): it
+/// is closed, and with `fd_store` removed from the store.
 pub fn open_all(
     inherited: Vec<Listener>,
     specs: &[ListenSpec],
     backlog: i32,
     reuseport: bool,
+    fd_store: bool,
 ) -> Result<Vec<Listener>, Error> {
     let mut inherited = inherited;
     let mut own = Vec::new();
     for spec in specs {
-        if let Some(i) = inherited.iter().position(|l| l.name == spec.name) {
-            let l = inherited.remove(i);
-            if l.address == spec.address.to_string() {
-                tracing::info!(socket = %l.name, addr = %l.address, "taking the inherited socket back");
-                own.push(l);
-                continue;
-            }
-            tracing::warn!(socket = %l.name, inherited = %l.address, wanted = %spec.address, "inherited socket has another address; binding afresh");
+        let want = spec.address.to_string();
+        if let Some(i) = inherited
+            .iter()
+            .position(|l| l.name == spec.name && l.address == want)
+        {
+            let mut l = inherited.remove(i);
+            tracing::info!(socket = %l.name, addr = %l.address, "taking the inherited socket back");
+            l.listed = true;
+            own.push(l);
+            continue;
         }
         own.push(bind(spec, backlog, reuseport)?);
+    }
+    let (stale, inherited): (Vec<Listener>, Vec<Listener>) = inherited
+        .into_iter()
+        .partition(|l| specs.iter().any(|s| s.name == l.name));
+    for l in stale {
+        tracing::warn!(socket = %l.name, addr = %l.address, "dropping a stale inherited socket: --listen gives this name another address");
+        if fd_store {
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Custom("FDSTOREREMOVE=1"),
+                sd_notify::NotifyState::FdName(&l.name),
+            ]);
+        }
     }
     let mut all = inherited;
     all.extend(own);
