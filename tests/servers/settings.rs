@@ -10,7 +10,7 @@ use std::process::Command;
 
 use crate::common::load::{get_once, Target};
 use crate::common::{nogap_command, read_json, Nogap, LONG};
-use crate::util::{require_setup, scratch, start, test_ids, user_dir, TEST_USER};
+use crate::util::{require_setup, scratch, start, test_ids, user_dir, Running, TEST_USER};
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
@@ -18,7 +18,7 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 /// `nogap run -l unix:DIR/s.sock --ready notify ARGS -- python3 probe.py OUT`
 /// and the probe's report.
-fn probe(dir: &Path, args: &[&str]) -> (Nogap, serde_json::Value) {
+fn probe(dir: &Path, args: &[&str]) -> (Running, serde_json::Value) {
     let out = user_dir(dir, "out").join("probe.json");
     let sock = format!("unix:{}/s.sock", dir.display());
     let mut all = strings(&["-l", &sock, "--ready", "notify"]);

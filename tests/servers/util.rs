@@ -93,10 +93,40 @@ pub fn user_dir(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// `nogap run ARGS...`, waiting for generation 1 to be ready.
-pub fn start(dir: &Path, args: &[String]) -> Nogap {
+pub fn start(dir: &Path, args: &[String]) -> Running {
     let nogap = Nogap::run(dir, args);
     nogap.wait_for_log("generation ready generation=1", LONG);
-    nogap
+    Running(nogap)
+}
+
+/// A nogap that is stopped with SIGTERM when dropped, before its guard
+/// SIGKILLs what is left. Servers' own children (nginx or Starman workers)
+/// do not die with their master; a nogap that stops takes them down (it
+/// stops the workers, then kills what is left below it), a SIGKILLed one
+/// cannot.
+pub struct Running(pub Nogap);
+
+impl std::ops::Deref for Running {
+    type Target = Nogap;
+    fn deref(&self) -> &Nogap {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Nogap {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.exited().is_none() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.pid()), Signal::SIGTERM);
+            let _ = self.0.try_wait_exit(LONG);
+        }
+    }
 }
 
 /// HUP, then wait for `generation ready generation=GEN`.
