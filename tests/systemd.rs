@@ -33,6 +33,8 @@ mod journal;
 mod notify_reload;
 #[path = "systemd/reload.rs"]
 mod reload;
+#[path = "systemd/slow_start.rs"]
+mod slow_start;
 #[path = "systemd/restart.rs"]
 mod restart;
 #[path = "systemd/verify.rs"]
@@ -68,6 +70,7 @@ on_both!(restart_with_fd_store => crate::restart::with_fd_store);
 on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
 on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
 on_both!(journal_fields => crate::journal::structured_fields);
+on_both!(slow_start_is_not_killed => crate::slow_start::extends_the_start_timeout);
 on_both!(verify_units => crate::verify::shipped_units);
 on_both!(bad_exec_start => crate::bad_input::bad_exec_start);
 on_both!(unauthorised_control => crate::bad_input::unauthorised_control);
