@@ -260,18 +260,21 @@ pub fn client_status(args: &StatusArgs, env: &Environment) -> Result<(), Error> 
         s["status"].as_str().unwrap_or("")
     );
     for sock in s["sockets"].as_array().into_iter().flatten() {
-        let queue = match (sock["queue"].as_u64(), sock["backlog"].as_u64()) {
-            (Some(q), Some(b)) => format!("  queue {q}/{b}"),
-            _ => String::new(),
-        };
-        println!(
-            "  socket {} {}{queue}",
+        let mut line = format!(
+            "  socket {} {}",
             sock["name"].as_str().unwrap_or(""),
             sock["address"].as_str().unwrap_or("")
         );
+        if let (Some(q), Some(b)) = (sock["queue"].as_u64(), sock["backlog"].as_u64()) {
+            line.push_str(&format!("  queue {q}/{b}  stalls {}", sock["stalls"]));
+        }
+        if sock["stalled"] == json!(true) {
+            line.push_str("  STALLED");
+        }
+        println!("{line}");
     }
     for w in s["workers"].as_array().into_iter().flatten() {
-        println!(
+        let mut line = format!(
             "  worker {} gen {} pid {} {} restarts {}",
             w["slot"],
             w["generation"],
@@ -279,6 +282,20 @@ pub fn client_status(args: &StatusArgs, env: &Environment) -> Result<(), Error> 
             w["state"].as_str().unwrap_or(""),
             w["restarts"]
         );
+        if let (Some(open), Some(limit)) = (w["fds_open"].as_u64(), w["fds_limit"].as_u64()) {
+            line.push_str(&format!("  fds {open}/{limit}"));
+        }
+        if let Some(ago) = w["last_ping_secs_ago"].as_f64() {
+            line.push_str(&format!("  ping {ago:.1}s ago"));
+        }
+        line.push_str(&format!(
+            "  unhealthy seen {} replaced {}",
+            w["slot_unhealthy_seen"], w["slot_replacements"]
+        ));
+        if let Some(why) = w["unhealthy"].as_str() {
+            line.push_str(&format!("  UNHEALTHY: {why}"));
+        }
+        println!("{line}");
     }
     Ok(())
 }

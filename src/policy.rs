@@ -26,6 +26,15 @@ use crate::config::{ReadyMode, StopPolicy};
 use crate::notify::Message;
 use crate::worker::{Worker, WorkerId, WorkerState};
 
+/// What the health checks have seen of one slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SlotHealth {
+    /// Workers of this slot found unhealthy (stall, watchdog, descriptors).
+    pub unhealthy: u64,
+    /// Health replacements started for this slot.
+    pub replacements: u64,
+}
+
 /// A client waiting for a reload's outcome (`nogap reload --wait`).
 pub type WaiterId = u64;
 
@@ -211,6 +220,10 @@ pub struct State {
     replacements: std::collections::VecDeque<Instant>,
     /// Replacing did not help: still unhealthy with no replacements left.
     pub gave_up: bool,
+    /// Stalls reported per socket, since nogap started.
+    pub stalls: BTreeMap<String, u64>,
+    /// Health history per slot, since nogap started.
+    pub slot_health: BTreeMap<u32, SlotHealth>,
 }
 
 impl State {
@@ -230,6 +243,8 @@ impl State {
             stalled: Default::default(),
             replacements: Default::default(),
             gave_up: false,
+            stalls: BTreeMap::new(),
+            slot_health: BTreeMap::new(),
         }
     }
 
@@ -299,6 +314,7 @@ impl State {
             }
             Event::QueueStalled { socket, depth } => {
                 self.stalled.insert(socket.clone());
+                *self.stalls.entry(socket.clone()).or_default() += 1;
                 self.queue_stalled(&socket, depth, now, &mut out);
             }
             Event::QueueRecovered { socket } => {
@@ -905,7 +921,9 @@ impl State {
             return;
         }
         let (slot, generation, pid) = (w.slot, w.generation, w.state.pid().unwrap_or(0));
-        w.unhealthy = Some(reason.clone());
+        if w.unhealthy.replace(reason.clone()).is_none() {
+            self.slot_health.entry(slot).or_default().unhealthy += 1;
+        }
         if self.workers.values().any(|w| w.replaces.is_some()) {
             return; // one replacement at a time
         }
@@ -913,6 +931,7 @@ impl State {
             return;
         }
         self.replacements.push_back(now);
+        self.slot_health.entry(slot).or_default().replacements += 1;
         tracing::warn!(worker = slot, generation, pid, %reason, "replacing unhealthy worker");
         let new = self.add_worker(generation, slot, 0, now, Some(id));
         if let Some(w) = self.workers.get_mut(&id) {

@@ -587,6 +587,13 @@ impl Supervisor {
                     }
                     _ => None,
                 };
+                let fds = w.state.pid().and_then(crate::health::fd_usage);
+                let health = self
+                    .state
+                    .slot_health
+                    .get(&w.slot)
+                    .copied()
+                    .unwrap_or_default();
                 serde_json::json!({
                     "slot": w.slot,
                     "generation": w.generation,
@@ -595,6 +602,12 @@ impl Supervisor {
                     "ready_for_secs": since,
                     "restarts": w.restarts,
                     "status": w.status,
+                    "last_ping_secs_ago": w.last_ping.map(|t| now.duration_since(t).as_secs_f64()),
+                    "fds_open": fds.map(|f| f.0),
+                    "fds_limit": fds.map(|f| f.1),
+                    "unhealthy": w.unhealthy,
+                    "slot_unhealthy_seen": health.unhealthy,
+                    "slot_replacements": health.replacements,
                 })
             })
             .collect();
@@ -609,6 +622,8 @@ impl Supervisor {
                     "inherited": l.inherited,
                     "queue": q.map(|q| q.depth),
                     "backlog": q.map(|q| q.backlog),
+                    "stalled": self.state.stalled.contains(&l.name),
+                    "stalls": self.state.stalls.get(&l.name).copied().unwrap_or(0),
                 })
             })
             .collect();
@@ -621,6 +636,7 @@ impl Supervisor {
             "stopping": self.state.stopping,
             "status": self.state.status_line(),
             "last_reload": self.state.last_reload,
+            "healthy": self.state.healthy(),
             "workers": workers,
             "sockets": sockets,
         })

@@ -81,3 +81,46 @@ fn one_stalled_accept_loop_of_four_costs_no_request() {
         "the shared queue kept moving: {stalls:?}"
     );
 }
+
+#[test]
+fn status_shows_the_stall_and_the_replacement() {
+    use crate::common::wait_until;
+    use crate::fixture::status;
+    let dir = scratch();
+    let addr = free_addr();
+    let worker = misbehave_once(
+        dir.path(),
+        "--stall-accept-after 1s",
+        Which::FirstOfEachSlot,
+    );
+    let nogap = start(dir.path(), addr, &[], &[worker.to_str().unwrap()], &[]);
+    let (ka, nc) = loads(addr, 2);
+    nogap.wait_for_log("unhealthy worker replaced", LONG);
+    // Once the queue moves again: one stall seen on the socket, none now;
+    // the slot was found unhealthy and replaced once; the ready worker's
+    // descriptors are shown against its limit.
+    let settled = wait_until(LONG, || {
+        let s = status(dir.path());
+        s["sockets"][0]["stalls"] == 1 && s["sockets"][0]["stalled"] == false
+    });
+    let s = status(dir.path());
+    assert!(settled, "status never showed a recovered stall: {s:#}");
+    let ready = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["state"] == "ready")
+        .unwrap_or_else(|| panic!("no ready worker: {s:#}"))
+        .clone();
+    assert_eq!(ready["slot_unhealthy_seen"], 1, "{s:#}");
+    assert_eq!(ready["slot_replacements"], 1, "{s:#}");
+    let (open, limit) = (
+        ready["fds_open"].as_u64().unwrap(),
+        ready["fds_limit"].as_u64().unwrap(),
+    );
+    assert!(open >= 3 && limit >= open, "fds {open}/{limit}");
+    assert_eq!(s["healthy"], true);
+    let (ka, nc) = (ka.stop(), nc.stop());
+    ka.assert_no_failures();
+    nc.assert_no_failures();
+}
