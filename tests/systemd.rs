@@ -33,10 +33,10 @@ mod journal;
 mod notify_reload;
 #[path = "systemd/reload.rs"]
 mod reload;
-#[path = "systemd/slow_start.rs"]
-mod slow_start;
 #[path = "systemd/restart.rs"]
 mod restart;
+#[path = "systemd/slow_start.rs"]
+mod slow_start;
 #[path = "systemd/verify.rs"]
 mod verify;
 #[path = "systemd/watchdog.rs"]

@@ -40,7 +40,7 @@ pub fn extends_the_start_timeout(release: Release) {
     );
     assert_eq!(n.serving_generation(), 2);
     assert_eq!(n.show(UNIT, "ActiveState"), "active");
-    progress(&format!(
+    progress(format!(
         "{release:?}: 4 s start and reload under TimeoutStartSec=2s: ok"
     ));
 }
