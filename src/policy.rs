@@ -168,9 +168,15 @@ pub enum Action {
         pid: i32,
         signal: Signal,
     },
-    /// SIGKILL the process group led by `pid`.
+    /// SIGKILL the live process `pid` and the process group it leads.
     KillGroup {
         pid: i32,
+    },
+    /// SIGKILL what is left of the process group of a reaped leader. Only the
+    /// group is signalled: the leader's pid may already belong to another
+    /// process, but a group id is not reused while the group has members.
+    KillOrphans {
+        pgid: i32,
     },
     /// The worker is gone: release what belongs to it (notify socket).
     Forget {
@@ -556,7 +562,7 @@ impl State {
         let w = self.workers.remove(&id).expect("worker found by pid");
         out.push(Action::Forget { worker: id });
         // Leftovers in its process group are orphans now.
-        out.push(Action::KillGroup { pid });
+        out.push(Action::KillOrphans { pgid: pid });
         let (slot, generation) = (w.slot, w.generation);
         match w.state {
             WorkerState::Draining { .. } | WorkerState::Killed { .. } => {

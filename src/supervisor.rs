@@ -338,6 +338,9 @@ impl Supervisor {
                         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                     }
+                    Action::KillOrphans { pgid } => {
+                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                    }
                     Action::Forget { worker } => {
                         self.sockets.remove(&worker);
                         self.daemons.remove(&worker);

@@ -479,3 +479,26 @@ fn a_watchdog_give_up_ends_once_the_window_frees_a_replacement() {
     );
     assert!(s.next_deadline().unwrap() > s_(11));
 }
+
+#[test]
+fn a_reaped_worker_gets_only_its_group_killed_never_its_pid() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut s = State::new(settings(1, ReadyMode::Alive(Duration::ZERO)));
+    run(&mut s, Event::Start, t0, &mut pid);
+    run(&mut s, Event::Tick, t0, &mut pid);
+    let a = run(
+        &mut s,
+        Event::Exited {
+            pid: 101,
+            status: "exited with status 3".into(),
+        },
+        t0,
+        &mut pid,
+    );
+    assert!(a.contains(&Action::KillOrphans { pgid: 101 }));
+    assert!(
+        !a.contains(&Action::KillGroup { pid: 101 }),
+        "the reaped pid may be reused"
+    );
+}
