@@ -295,7 +295,7 @@ pub async fn run(
                 }
                 Event::Tick
             }
-            _ = health_tick.tick() => {
+            _ = health_tick.tick(), if watches.active() => {
                 if sup.check_health(&mut watches) {
                     return Ok(());
                 }
@@ -657,6 +657,11 @@ struct Watches {
 }
 
 impl Watches {
+    /// Anything to check at all; with every check off, no wake-ups.
+    fn active(&self) -> bool {
+        !self.queues.is_empty() || self.fd_high.is_some()
+    }
+
     fn new(listeners: &[Listener], health: &HealthConfig) -> Watches {
         let queues = match health.stall_timeout {
             Some(t) => listeners
