@@ -128,6 +128,13 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Health")]
     pub watchdog_follows_health: bool,
 
+    /// Give every worker slot its own SO_REUSEPORT copy of each TCP socket nogap
+    /// binds (implies --reuseport), so that a stalled queue names its worker. A
+    /// replacement or a new generation's worker takes over its slot's copy, with
+    /// the connections waiting in it.
+    #[arg(long, help_heading = "Health")]
+    pub reuseport_per_worker: bool,
+
     /// Hand the sockets nogap binds to systemd's fd store (FDSTORE=1, FDNAME=) and
     /// take them back by name on start, so a restart of nogap keeps the port open.
     /// Needs FileDescriptorStoreMax= in the unit.

@@ -108,6 +108,8 @@ pub struct RunConfig {
     pub command: CommandSpec,
     pub health: HealthConfig,
     pub fd_store: bool,
+    /// One SO_REUSEPORT copy of each bound TCP socket per worker slot.
+    pub per_worker_sockets: bool,
     /// Hand-off forms and worker process settings.
     pub launch: Launch,
 }
@@ -128,6 +130,11 @@ pub struct HealthConfig {
 impl RunConfig {
     /// Validate what clap could not: names unique, the command runnable.
     pub fn from_args(args: &RunArgs, path_var: Option<&OsString>) -> Result<RunConfig, Error> {
+        if args.reuseport_per_worker && args.fd_store {
+            return Err(Error::Usage(
+                "--reuseport-per-worker does not combine with --fd-store (only one socket per name can be stored)".into(),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for spec in &args.listen {
             if !names.insert(spec.name.as_str()) {
@@ -148,7 +155,7 @@ impl RunConfig {
                 Some(n) => n as i32,
                 None => somaxconn(),
             },
-            reuseport: args.reuseport,
+            reuseport: args.reuseport || args.reuseport_per_worker,
             workers: args.workers,
             ready: args.ready,
             start_timeout: args.start_timeout,
@@ -169,6 +176,7 @@ impl RunConfig {
                 watchdog_follows_health: args.watchdog_follows_health,
             },
             fd_store: args.fd_store,
+            per_worker_sockets: args.reuseport_per_worker,
             launch,
         })
     }

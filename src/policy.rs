@@ -127,6 +127,8 @@ pub enum Event {
     QueueStalled {
         socket: String,
         depth: u32,
+        /// The worker slot whose own queue it is (`--reuseport-per-worker`).
+        slot: Option<u32>,
     },
     QueueRecovered {
         socket: String,
@@ -318,10 +320,14 @@ impl State {
                     self.notified(worker, m, now, &mut out);
                 }
             }
-            Event::QueueStalled { socket, depth } => {
+            Event::QueueStalled {
+                socket,
+                depth,
+                slot,
+            } => {
                 self.stalled.insert(socket.clone());
                 *self.stalls.entry(socket.clone()).or_default() += 1;
-                self.queue_stalled(&socket, depth, now, &mut out);
+                self.queue_stalled(&socket, depth, slot, now, &mut out);
             }
             Event::QueueRecovered { socket } => {
                 if self.stalled.remove(&socket) {
@@ -885,7 +891,16 @@ impl State {
     /// fault. With one worker that is the one; with several, nogap cannot
     /// tell which one stopped accepting, so it replaces the longest-running
     /// one, one at a time, until the queue moves again.
-    fn queue_stalled(&mut self, socket: &str, depth: u32, now: Instant, out: &mut Vec<Action>) {
+    /// With a slot (per-worker sockets) the queue is that slot's own, and
+    /// its worker is the one at fault.
+    fn queue_stalled(
+        &mut self,
+        socket: &str,
+        depth: u32,
+        slot: Option<u32>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         tracing::warn!(socket = %socket, depth, "accept queue stalled: nobody is accepting");
         let Some(serving) = self.serving else { return };
         if self.starting.is_some() {
@@ -895,6 +910,7 @@ impl State {
             .workers
             .values()
             .filter(|w| w.generation == serving && w.replaced_by.is_none() && w.replaces.is_none())
+            .filter(|w| slot.map_or(true, |s| w.slot == s))
             .filter_map(|w| match w.state {
                 WorkerState::Ready { since, .. } => Some((since, w.id)),
                 _ => None,

@@ -78,6 +78,11 @@ pub struct Queue {
 }
 
 impl Listener {
+    /// The descriptor as nogap holds it, for the hand-off plan.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// The accept queue, for TCP listeners.
     pub fn queue(&self) -> Option<Queue> {
         if !self.tcp {
@@ -277,6 +282,50 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
     })
 }
 
+/// For `--reuseport-per-worker`: for each worker slot 1.., an SO_REUSEPORT
+/// copy of every TCP socket nogap bound (slot 0 uses the original, which was
+/// bound with SO_REUSEPORT too). `copies[slot - 1][i]` stands in for
+/// `listeners[i]` in that slot, or is None where the socket stays shared
+/// (inherited, UDP, unix). Each copy has its own accept queue, so a stall
+/// names its slot; nogap holds every copy, so none is ever closed.
+pub fn slot_copies(
+    listeners: &[Listener],
+    workers: u32,
+    backlog: i32,
+) -> Result<Vec<Vec<Option<Listener>>>, Error> {
+    (1..workers)
+        .map(|_| {
+            listeners
+                .iter()
+                .map(|l| copy_for_slot(l, backlog))
+                .collect()
+        })
+        .collect()
+}
+
+fn copy_for_slot(l: &Listener, backlog: i32) -> Result<Option<Listener>, Error> {
+    let Some(addr) = l.local.filter(|_| l.tcp && !l.inherited) else {
+        return Ok(None);
+    };
+    let err = |source| Error::Bind {
+        addr: l.address.clone(),
+        source,
+    };
+    let sock = bind_inet(addr, Type::STREAM, true).map_err(err)?;
+    sock.listen(backlog).map_err(err)?;
+    Ok(Some(Listener {
+        name: l.name.clone(),
+        address: l.address.clone(),
+        kind: Kind::Listener,
+        tcp: true,
+        inherited: false,
+        listed: false,
+        _lock: None,
+        local: Some(addr),
+        fd: sock.into(),
+    }))
+}
+
 fn bind_inet(addr: SocketAddr, ty: Type, reuseport: bool) -> io::Result<Socket> {
     // socket2 creates sockets with SOCK_CLOEXEC, in blocking mode.
     let sock = Socket::new(Domain::for_address(addr), ty, None)?;
@@ -409,5 +458,5 @@ pub fn open_all(
 
 /// Raw fds of the sockets, in hand-off order (fd 3, 4, ... in the worker).
 pub fn raw_fds(listeners: &[Listener]) -> Vec<RawFd> {
-    listeners.iter().map(|l| l.fd.as_raw_fd()).collect()
+    listeners.iter().map(Listener::raw_fd).collect()
 }

@@ -142,6 +142,10 @@ pub struct Supervisor {
     config: RunConfig,
     listeners: Vec<Listener>,
     fds: Vec<RawFd>,
+    /// The fds of each worker slot (differs from `fds` only with per-slot copies).
+    slot_fds: Vec<Vec<RawFd>>,
+    /// Per-slot SO_REUSEPORT copies (`--reuseport-per-worker`), held open.
+    copies: Vec<Vec<Option<Listener>>>,
     fdnames: OsString,
     worker_env: Vec<(OsString, OsString)>,
     notify_dir: NotifyDir,
@@ -193,10 +197,25 @@ pub async fn run(
         daemonizes: config.launch.pidfile.is_some(),
     };
     let health = config.health;
+    let config_workers = config.workers;
     if config.fd_store {
         crate::sockets::store(&listeners);
     }
     let fds = crate::sockets::raw_fds(&listeners);
+    let copies = if config.per_worker_sockets {
+        crate::sockets::slot_copies(&listeners, config.workers, config.backlog)?
+    } else {
+        Vec::new()
+    };
+    // Per slot, the fds a worker gets: the slot's own copies where there are.
+    let slot_fds: Vec<Vec<RawFd>> = std::iter::once(fds.clone())
+        .chain(copies.iter().map(|row| {
+            row.iter()
+                .zip(&fds)
+                .map(|(c, fd)| c.as_ref().map_or(*fd, Listener::raw_fd))
+                .collect()
+        }))
+        .collect();
     let fdnames = listeners
         .iter()
         .map(|l| l.name.as_str())
@@ -210,6 +229,8 @@ pub async fn run(
         config,
         listeners,
         fds,
+        slot_fds,
+        copies,
         fdnames,
         notify_tx,
         sockets: HashMap::new(),
@@ -230,7 +251,7 @@ pub async fn run(
         tracing::info!(socket = %l.name, addr = %l.address, inherited = l.inherited, "listening");
     }
 
-    let mut watches = Watches::new(&sup.listeners, &health);
+    let mut watches = Watches::new(&sup.listeners, &sup.copies, config_workers, &health);
     let mut health_tick = tokio::time::interval(health.interval);
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Pinged from this loop only, so a wedged nogap stops pinging.
@@ -446,7 +467,7 @@ impl Supervisor {
             &cmd.path,
             &rendered.argv,
             &env,
-            &self.fds,
+            self.slot_fds.get(slot as usize).unwrap_or(&self.fds),
             launch.process_settings(),
         )
         .map_err(|e| e.to_string())?;
@@ -508,6 +529,14 @@ impl Supervisor {
         self.upstream.send(&states);
     }
 
+    /// The socket a queue entry watches: a slot's own copy, or the listener.
+    fn socket(&self, listener: usize, slot: Option<u32>) -> &Listener {
+        slot.filter(|s| *s > 0)
+            .and_then(|s| self.copies.get(s as usize - 1))
+            .and_then(|row| row[listener].as_ref())
+            .unwrap_or(&self.listeners[listener])
+    }
+
     /// One health round: sample every watched queue, and (less often) every
     /// serving worker's descriptors. True when nogap is done.
     fn check_health(&mut self, watches: &mut Watches) -> bool {
@@ -518,14 +547,20 @@ impl Supervisor {
         let depths: Vec<u32> = watches
             .queues
             .iter()
-            .map(|(i, _)| self.listeners[*i].queue().map_or(0, |q| q.depth))
+            .map(|q| {
+                self.socket(q.listener, q.slot)
+                    .queue()
+                    .map_or(0, |q| q.depth)
+            })
             .collect();
+        // Per-slot copies share their address and port: sock_diag cannot
+        // tell their connections apart, so they are judged by depth alone.
         let busy: Vec<(usize, std::net::SocketAddr)> = watches
             .queues
             .iter()
             .enumerate()
-            .filter(|(k, _)| depths[*k] > 0)
-            .filter_map(|(k, (i, _))| self.listeners[*i].local.map(|a| (k, a)))
+            .filter(|(k, q)| depths[*k] > 0 && q.slot.is_none())
+            .filter_map(|(k, q)| self.listeners[q.listener].local.map(|a| (k, a)))
             .collect();
         let mut queued: Vec<Option<Vec<u64>>> = vec![None; depths.len()];
         if !busy.is_empty() {
@@ -536,16 +571,19 @@ impl Supervisor {
                 }
             }
         }
-        for (k, (i, watch)) in watches.queues.iter_mut().enumerate() {
-            let l = &self.listeners[*i];
-            match watch.sample(now, depths[k], queued[k].as_deref()) {
+        for (k, q) in watches.queues.iter_mut().enumerate() {
+            let name = &self.listeners[q.listener].name;
+            let socket = match q.slot {
+                Some(slot) => format!("{name}/{slot}"),
+                None => name.clone(),
+            };
+            match q.watch.sample(now, depths[k], queued[k].as_deref()) {
                 Verdict::Stalled { depth } => events.push(Event::QueueStalled {
-                    socket: l.name.clone(),
+                    socket,
                     depth,
+                    slot: q.slot,
                 }),
-                Verdict::Recovered => events.push(Event::QueueRecovered {
-                    socket: l.name.clone(),
-                }),
+                Verdict::Recovered => events.push(Event::QueueRecovered { socket }),
                 Verdict::Quiet => {}
             }
         }
@@ -617,16 +655,26 @@ impl Supervisor {
         let sockets: Vec<_> = self
             .listeners
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
                 let q = l.queue();
+                // With per-slot copies: the depth of each slot's own queue.
+                let slots: Option<Vec<Option<u32>>> = self.copies.first().and_then(|row| row[i].as_ref()).map(|_| {
+                    (0..=self.copies.len())
+                        .map(|s| self.socket(i, Some(s as u32)).queue().map(|q| q.depth))
+                        .collect()
+                });
+                let own = format!("{}/", l.name);
+                let stalled = self.state.stalled.iter().any(|s| *s == l.name || s.starts_with(&own));
                 serde_json::json!({
                     "name": l.name,
                     "address": l.address,
                     "inherited": l.inherited,
                     "queue": q.map(|q| q.depth),
                     "backlog": q.map(|q| q.backlog),
-                    "stalled": self.state.stalled.contains(&l.name),
-                    "stalls": self.state.stalls.get(&l.name).copied().unwrap_or(0),
+                    "stalled": stalled,
+                    "slot_queues": slots,
+                    "stalls": self.state.stalls.iter().filter(|(s, _)| **s == l.name || s.starts_with(&own)).map(|(_, n)| n).sum::<u64>(),
                 })
             })
             .collect();
@@ -648,12 +696,21 @@ impl Supervisor {
 
 /// What the health rounds keep between rounds.
 struct Watches {
-    /// (index into the listeners, its queue history), for TCP listeners.
-    queues: Vec<(usize, QueueWatch)>,
+    /// Every watched accept queue: one per TCP listener, or one per slot
+    /// with `--reuseport-per-worker`.
+    queues: Vec<QueueEntry>,
     fd_high: Option<u8>,
     /// Check descriptors every this many rounds (about once a second).
     fd_every: u64,
     round: u64,
+}
+
+struct QueueEntry {
+    /// Index into the listeners.
+    listener: usize,
+    /// The worker slot whose own copy this is, with `--reuseport-per-worker`.
+    slot: Option<u32>,
+    watch: QueueWatch,
 }
 
 impl Watches {
@@ -662,16 +719,29 @@ impl Watches {
         !self.queues.is_empty() || self.fd_high.is_some()
     }
 
-    fn new(listeners: &[Listener], health: &HealthConfig) -> Watches {
-        let queues = match health.stall_timeout {
-            Some(t) => listeners
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.tcp)
-                .map(|(i, _)| (i, QueueWatch::new(t)))
-                .collect(),
-            None => Vec::new(),
-        };
+    fn new(
+        listeners: &[Listener],
+        copies: &[Vec<Option<Listener>>],
+        workers: u32,
+        health: &HealthConfig,
+    ) -> Watches {
+        let mut queues = Vec::new();
+        if let Some(t) = health.stall_timeout {
+            for (i, _) in listeners.iter().enumerate().filter(|(_, l)| l.tcp) {
+                let per_slot = copies.first().is_some_and(|row| row[i].is_some());
+                let slots: Vec<Option<u32>> = match per_slot {
+                    true => (0..workers).map(Some).collect(),
+                    false => vec![None],
+                };
+                for slot in slots {
+                    queues.push(QueueEntry {
+                        listener: i,
+                        slot,
+                        watch: QueueWatch::new(t),
+                    });
+                }
+            }
+        }
         let per_second = (1000 / health.interval.as_millis().max(1)).max(1) as u64;
         Watches {
             queues,

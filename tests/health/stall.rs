@@ -124,3 +124,65 @@ fn status_shows_the_stall_and_the_replacement() {
     ka.assert_no_failures();
     nc.assert_no_failures();
 }
+
+/// The socket inode a process has at `fd`.
+fn socket_at(pid: i32, fd: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn per_worker_sockets_name_the_stalled_worker_and_keep_its_queue() {
+    use crate::common::proc::field;
+    let dir = scratch();
+    let addr = free_addr();
+    let worker = misbehave_once(dir.path(), "--stall-accept-after 2s", Which::FirstOfSlot(2));
+    let nogap = start(
+        dir.path(),
+        addr,
+        &["-w", "4", "--reuseport-per-worker"],
+        &[worker.to_str().unwrap()],
+        &[],
+    );
+    // Every slot has its own socket at fd 3.
+    let pid_of_slot = |slot: u32| -> i32 {
+        let line = nogap
+            .matching(&format!("worker started worker={slot}"))
+            .pop()
+            .unwrap_or_else(|| panic!("no worker started in slot {slot}"));
+        field(&line, "pid").unwrap().parse().unwrap()
+    };
+    let sockets: Vec<String> = (0..4).map(|s| socket_at(pid_of_slot(s), 3)).collect();
+    let distinct: std::collections::BTreeSet<_> = sockets.iter().collect();
+    assert_eq!(distinct.len(), 4, "one socket per slot: {sockets:?}");
+    let stalled_pid = pid_of_slot(2);
+
+    let (ka, nc) = loads(addr, 4);
+    let line = nogap.wait_for_log("replacing unhealthy worker", LONG);
+    assert_eq!(field(&line, "worker").as_deref(), Some("2"), "{line}");
+    assert_eq!(
+        field(&line, "pid").unwrap().parse::<i32>().unwrap(),
+        stalled_pid
+    );
+    nogap.wait_for_log("unhealthy worker replaced", LONG);
+    // The replacement took over slot 2's own socket, with what waited in it.
+    let replacement = pid_of_slot(2);
+    assert_ne!(replacement, stalled_pid);
+    assert_eq!(socket_at(replacement, 3), sockets[2]);
+    assert!(nc.wait_for_more_ok(50, LONG), "new connections stalled");
+    let (ka, nc) = (ka.stop(), nc.stop());
+    ka.assert_no_failures();
+    nc.assert_no_failures();
+    assert_eq!(
+        nogap.count_log("replacing unhealthy worker"),
+        1,
+        "only slot 2 was replaced"
+    );
+    // Connections hashed to slot 2 while it stalled were answered by its replacement.
+    assert!(
+        nc.pids().contains(&(replacement as u32)),
+        "{}",
+        nc.summary()
+    );
+}
