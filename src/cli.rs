@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
-use crate::config::{self, ListenSpec, ReadyMode};
+use crate::config::{self, Handover, ListenSpec, ReadyMode};
 use crate::handoff::{self, HandOff};
 use crate::launch::{self, GroupSpec, UserSpec};
 
@@ -61,9 +61,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=(i32::MAX as i64)))]
     pub backlog: Option<u32>,
 
-    /// Set SO_REUSEPORT on the sockets nogap binds.
+    /// Set SO_REUSEPORT on the sockets nogap binds, and let other sockets (of the
+    /// same user) listen on their addresses too.
     #[arg(long)]
     pub reuseport: bool,
+
+    /// How a reload hands TCP sockets over: 'steer' gives each generation its own
+    /// SO_REUSEPORT socket on the address and steers new connections to the serving
+    /// one, so an old generation gets its stop signal only once its queue is empty;
+    /// 'shared' lets every generation accept from one socket. Sockets that cannot be
+    /// steered (UDP, unix, inherited without SO_REUSEPORT) are shared either way, and
+    /// so are all with --reuseport or --reuseport-per-worker.
+    #[arg(long, value_name = "MODE", default_value = "steer", value_parser = config::parse_handover)]
+    pub handover: Handover,
 
     /// Workers per generation.
     #[arg(short, long, value_name = "N", default_value = "1",

@@ -110,6 +110,10 @@ pub struct RunConfig {
     pub fd_store: bool,
     /// One SO_REUSEPORT copy of each bound TCP socket per worker slot.
     pub per_worker_sockets: bool,
+    /// Steer new connections to the serving generation's own sockets (see
+    /// `steer`); off with `--handover shared`, `--reuseport` (the port is
+    /// shared with others) and `--reuseport-per-worker`.
+    pub steer: bool,
     /// Hand-off forms and worker process settings.
     pub launch: Launch,
 }
@@ -177,8 +181,27 @@ impl RunConfig {
             },
             fd_store: args.fd_store,
             per_worker_sockets: args.reuseport_per_worker,
+            steer: args.handover == Handover::Steer
+                && !args.reuseport
+                && !args.reuseport_per_worker,
             launch,
         })
+    }
+}
+
+/// `--handover`: how reloads hand TCP sockets over (see `steer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handover {
+    Steer,
+    Shared,
+}
+
+/// `--handover` value parser.
+pub fn parse_handover(s: &str) -> Result<Handover, String> {
+    match s {
+        "steer" => Ok(Handover::Steer),
+        "shared" => Ok(Handover::Shared),
+        _ => Err("expected steer or shared".into()),
     }
 }
 

@@ -66,6 +66,9 @@ const INET_DIAG_BC_JMP: u8 = 1;
 const INET_DIAG_BC_S_EQ: u8 = 11;
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LISTEN: u8 = 10;
+/// The states of a connection in an accept queue.
+const QUEUED_STATES: u32 = (1 << TCP_ESTABLISHED) | (1 << TCP_CLOSE_WAIT);
 const AF_INET: u8 = libc::AF_INET as u8;
 const AF_INET6: u8 = libc::AF_INET6 as u8;
 const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
@@ -109,7 +112,7 @@ pub fn queued_each(locals: &[SocketAddr]) -> io::Result<Vec<Vec<u64>>> {
         }
         ports.sort_unstable();
         ports.dedup();
-        diag.dump(family, &ports, seq, |e| {
+        diag.dump(family, &ports, QUEUED_STATES, seq, |e| {
             if !e.is_queued() {
                 return;
             }
@@ -125,6 +128,20 @@ pub fn queued_each(locals: &[SocketAddr]) -> io::Result<Vec<Vec<u64>>> {
         })?;
     }
     Ok(out)
+}
+
+/// How many TCP sockets listen on exactly `local` (same family, address and
+/// port): more than one means they share a `SO_REUSEPORT` group.
+pub fn listeners_at(local: SocketAddr) -> io::Result<usize> {
+    let diag = Diag::open()?;
+    let family = family_of(local);
+    let mut n = 0;
+    diag.dump(family, &[local.port()], 1 << TCP_LISTEN, 1, |e| {
+        if e.state == TCP_LISTEN && e.local_port == local.port() && e.local == local.ip() {
+            n += 1;
+        }
+    })?;
+    Ok(n)
 }
 
 /// Tracks one listener's queue between samples.
@@ -201,18 +218,19 @@ impl Diag {
         Ok(Diag { fd })
     }
 
-    /// Dump the TCP sockets of `family` in ESTABLISHED or CLOSE_WAIT whose
-    /// local port is one of `ports` (none: every port), calling `each` for
-    /// every entry the kernel returns. The kernel filters on the ports;
-    /// nothing else is filtered here.
+    /// Dump the TCP sockets of `family` in one of `states` (a bit per
+    /// state) whose local port is one of `ports` (none: every port), calling
+    /// `each` for every entry the kernel returns. The kernel filters on the
+    /// states and ports; nothing else is filtered here.
     fn dump(
         &self,
         family: u8,
         ports: &[u16],
+        states: u32,
         seq: u32,
         mut each: impl FnMut(Entry),
     ) -> io::Result<()> {
-        let req = request(family, ports, seq)?;
+        let req = request(family, ports, states, seq)?;
         let to = NetlinkAddr::new(0, 0);
         // A socket with a receive timeout is not restarted after a signal
         // handler even with SA_RESTART, so EINTR is retried here.
@@ -233,7 +251,7 @@ impl Diag {
 
 /// `nlmsghdr`, `inet_diag_req_v2` and, for more than one port, a bytecode
 /// filter. One port goes in `idiag_sport`, which the kernel compares itself.
-fn request(family: u8, ports: &[u16], seq: u32) -> io::Result<Vec<u8>> {
+fn request(family: u8, ports: &[u16], states: u32, seq: u32) -> io::Result<Vec<u8>> {
     let bytecode = match ports {
         [] | [_] => Vec::new(),
         _ => any_local_port(ports),
@@ -260,7 +278,6 @@ fn request(family: u8, ports: &[u16], seq: u32) -> io::Result<Vec<u8>> {
     // inet_diag_req_v2: family u8, protocol u8, ext u8, pad u8, states u32,
     // then inet_diag_sockid: sport be16, dport be16, src [be32; 4],
     // dst [be32; 4], if u32, cookie [u32; 2].
-    let states = (1u32 << TCP_ESTABLISHED) | (1u32 << TCP_CLOSE_WAIT);
     b.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
     b.extend_from_slice(&states.to_ne_bytes());
     let sport = match ports {
@@ -454,9 +471,32 @@ mod tests {
         let mut all = Vec::new();
         Diag::open()
             .unwrap()
-            .dump(family, ports, 7, |e| all.push(e))
+            .dump(family, ports, QUEUED_STATES, 7, |e| all.push(e))
             .unwrap();
         all
+    }
+
+    #[test]
+    fn listeners_at_counts_a_reuseport_group() {
+        let make = |addr: SocketAddr| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&addr.into()).unwrap();
+            s.listen(8).unwrap();
+            s
+        };
+        let a = make("127.0.0.1:0".parse().unwrap());
+        let addr = a.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(listeners_at(addr).unwrap(), 1);
+        let b = make(addr);
+        assert_eq!(listeners_at(addr).unwrap(), 2);
+        // Another address on the port is another group.
+        let other: SocketAddr = format!("127.0.0.2:{}", addr.port()).parse().unwrap();
+        assert_eq!(listeners_at(other).unwrap(), 0);
+        drop(b);
+        assert_eq!(listeners_at(addr).unwrap(), 1);
+        drop(a);
+        assert_eq!(listeners_at(addr).unwrap(), 0);
     }
 
     fn accept_two_of_five(host: &str) {

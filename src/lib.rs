@@ -5,7 +5,8 @@
 //! * While `nogap run` runs, every socket it holds stays open: connections
 //!   that arrive during a hand-off or a restart wait in the kernel's queue.
 //! * A new generation serves only once every one of its workers is ready;
-//!   only then does the old one get the stop signal. A generation that fails
+//!   only then does the old one get the stop signal (with steering: once
+//!   nothing is queued for it any more). A generation that fails
 //!   to start is stopped and the old one keeps serving.
 //! * No worker outlives nogap: workers die with it (parent-death signal) and
 //!   every worker's process group is killed when its main process is gone.
@@ -13,6 +14,8 @@
 //! # Layout
 //! * [`cli`]: command-line structs; [`config`]: typed, validated config.
 //! * [`sockets`]: binding, inheriting and validating the listening sockets.
+//! * [`steer`]: a socket per generation, new connections steered to the
+//!   serving one, so old workers stop only once their queues are empty.
 //! * [`handoff`]: how workers learn their sockets (LISTEN_FDS, einhorn,
 //!   Server::Starter, nginx, argv templates).
 //! * [`launch`]: worker process settings (user, groups, env, limits, pid file).
@@ -37,6 +40,7 @@ pub mod launch;
 pub mod notify;
 pub mod policy;
 pub mod sockets;
+pub mod steer;
 pub mod supervisor;
 pub mod sys;
 pub mod worker;

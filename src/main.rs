@@ -84,6 +84,7 @@ fn run(args: RunArgs, env: Environment) -> Result<(), Error> {
         &config.listen,
         config.backlog,
         config.reuseport,
+        config.steer,
         config.fd_store,
     )?;
     // One thread: nogap is not in the data path, and workers are forked from

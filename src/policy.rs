@@ -14,6 +14,7 @@
 //! | drain timeout | SIGKILL to the worker's process group |
 //! | a daemonizing worker's main process is known (MainPid) | the worker is that process from now on (and can become ready: alive time counts from now); a stop already sent is repeated to it |
 //! | Stop | stop signal to every worker; exit once all are gone |
+//! | with steering (`Settings::steered`): a generation becomes ready, or Stop | new connections are steered to it (to the original sockets at Stop); the workers it replaces keep running until their sockets' queues are drained (`Drained`, or the hand-over timeout), then get the stop signal |
 //! | a queue stalls, a worker misses its watchdog or nears its fd limit | a replacement starts in its slot; once ready, the unhealthy worker drains (at most `max_replacements` per `window`, one at a time) |
 //! | replacements exhausted while still unhealthy | say so (logs, STATUS=); `healthy()` turns false until the queues move again |
 
@@ -49,7 +50,15 @@ pub struct Settings {
     /// Workers daemonize (`--pidfile`): one is ready only once nogap follows
     /// its daemon (`MainPid`), by `READY=1` or the alive time counted from then.
     pub daemonizes: bool,
+    /// Each generation accepts from its own sockets and new connections are
+    /// steered (see `steer`): old workers stop only once their queues are
+    /// drained.
+    pub steered: bool,
 }
+
+/// How long old workers may take to empty their sockets' queues after new
+/// connections were steered away; then they get the stop signal anyway.
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How unhealthy workers are replaced.
 #[derive(Clone, Copy, Debug)]
@@ -144,6 +153,9 @@ pub enum Event {
         worker: WorkerId,
         pid: i32,
     },
+    /// Since the last `Steer`, every socket but the target's has had an
+    /// empty accept queue for a quiet period.
+    Drained,
     /// A deadline may have passed.
     Tick,
 }
@@ -184,6 +196,11 @@ pub enum Action {
     Forget {
         worker: WorkerId,
     },
+    /// Send new connections to this generation's sockets (None: the
+    /// original sockets, which outlive nogap), then report `Drained`.
+    Steer {
+        generation: Option<u64>,
+    },
     Upstream(Vec<Upstream>),
     Reply {
         waiter: WaiterId,
@@ -203,6 +220,13 @@ pub enum ReloadOutcome {
 struct Reload {
     generation: u64,
     waiters: Vec<WaiterId>,
+}
+
+/// Workers that keep serving what is queued for them until `Drained`.
+#[derive(Debug)]
+struct Handover {
+    workers: Vec<WorkerId>,
+    deadline: Instant,
 }
 
 #[derive(Debug)]
@@ -232,6 +256,9 @@ pub struct State {
     pub stalls: BTreeMap<String, u64>,
     /// Health history per slot, since nogap started.
     pub slot_health: BTreeMap<u32, SlotHealth>,
+    /// With steering: workers waiting for their queues to drain before they
+    /// get the stop signal.
+    handover: Option<Handover>,
 }
 
 impl State {
@@ -253,6 +280,7 @@ impl State {
             gave_up: false,
             stalls: BTreeMap::new(),
             slot_health: BTreeMap::new(),
+            handover: None,
         }
     }
 
@@ -273,6 +301,7 @@ impl State {
             .filter_map(|w| w.state.deadline())
             .chain(pings)
             .chain(self.budget_deadline())
+            .chain(self.handover.as_ref().map(|h| h.deadline))
             .min()
     }
 
@@ -337,6 +366,7 @@ impl State {
             }
             Event::Unhealthy { worker, reason } => self.unhealthy(worker, reason, now, &mut out),
             Event::MainPid { worker, pid } => self.main_pid(worker, pid, now, &mut out),
+            Event::Drained => self.finish_handover(now, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         self.maybe_clear_gave_up(&mut out);
@@ -446,8 +476,15 @@ impl State {
             .filter(|w| w.generation != generation && !w.state.is_leaving())
             .map(|w| w.id)
             .collect();
-        for id in old {
-            self.stop_worker(id, now, out);
+        if self.settings.steered {
+            out.push(Action::Steer {
+                generation: Some(generation),
+            });
+            self.hand_over(old, now);
+        } else {
+            for id in old {
+                self.stop_worker(id, now, out);
+            }
         }
         tracing::info!(generation, "generation ready");
         if !first {
@@ -726,8 +763,43 @@ impl State {
             Upstream::Stopping,
             Upstream::Status("stopping".into()),
         ]));
-        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        // With steering, serving workers first take what is queued in
+        // sockets that do not outlive nogap.
+        let (serving, rest): (Vec<&Worker>, Vec<&Worker>) = self
+            .workers
+            .values()
+            .partition(|w| self.settings.steered && matches!(w.state, WorkerState::Ready { .. }));
+        let serving: Vec<WorkerId> = serving.iter().map(|w| w.id).collect();
+        let rest: Vec<WorkerId> = rest.iter().map(|w| w.id).collect();
+        for id in rest {
+            self.stop_worker(id, now, out);
+        }
+        if self.settings.steered {
+            out.push(Action::Steer { generation: None });
+            self.hand_over(serving, now);
+        }
+    }
+
+    /// Keep `ids` serving until `Drained` (or the hand-over timeout).
+    fn hand_over(&mut self, ids: Vec<WorkerId>, now: Instant) {
+        let h = self.handover.get_or_insert_with(|| Handover {
+            workers: Vec::new(),
+            deadline: now,
+        });
         for id in ids {
+            if !h.workers.contains(&id) {
+                h.workers.push(id);
+            }
+        }
+        h.deadline = now + HANDOVER_TIMEOUT;
+    }
+
+    /// The queues of the workers handed over are empty: stop them.
+    fn finish_handover(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(h) = self.handover.take() else {
+            return;
+        };
+        for id in h.workers {
             self.stop_worker(id, now, out);
         }
     }
@@ -781,6 +853,13 @@ impl State {
         }
         if self.gave_up && self.has_unreplaced_unhealthy() {
             self.replace_next_unhealthy(now, out);
+        }
+        if self.handover.as_ref().is_some_and(|h| h.deadline <= now) {
+            tracing::warn!(
+                timeout = %humantime::format_duration(HANDOVER_TIMEOUT),
+                "old workers' queues not drained in time: stopping them anyway"
+            );
+            self.finish_handover(now, out);
         }
         let silent: Vec<WorkerId> = self
             .workers
@@ -935,6 +1014,7 @@ impl State {
         };
         if serving != Some(w.generation)
             || starting
+            || self.stopping
             || !matches!(w.state, WorkerState::Ready { .. })
         {
             return;

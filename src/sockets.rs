@@ -242,7 +242,16 @@ fn describe(addr: &SockAddr, kind: Kind) -> String {
 }
 
 /// Bind one `--listen` socket.
-pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener, Error> {
+///
+/// With `steer`, a TCP socket gets `SO_REUSEPORT` (for its per-generation
+/// copies, see `steer`); unless `reuseport` was asked for too, binding fails
+/// as if without it when another socket already listens on the address.
+pub fn bind(
+    spec: &ListenSpec,
+    backlog: i32,
+    reuseport: bool,
+    steer: bool,
+) -> Result<Listener, Error> {
     let err = |source: io::Error| Error::Bind {
         addr: spec.address.to_string(),
         source,
@@ -250,7 +259,7 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
     let mut unix_lock = None;
     let (sock, kind, tcp) = match &spec.address {
         Address::Tcp(a) => (
-            bind_inet(*a, Type::STREAM, reuseport).map_err(err)?,
+            bind_inet(*a, Type::STREAM, reuseport || steer).map_err(err)?,
             Kind::Listener,
             true,
         ),
@@ -269,6 +278,20 @@ pub fn bind(spec: &ListenSpec, backlog: i32, reuseport: bool) -> Result<Listener
         sock.listen(backlog).map_err(err)?;
     }
     let local = sock.local_addr().map_err(err)?;
+    if let (true, false, Some(at)) = (steer && tcp, reuseport, local.as_socket()) {
+        match crate::diag::listeners_at(at) {
+            Ok(n) if n > 1 => {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "address already in use (another socket listens on it with SO_REUSEPORT)",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(addr = %at, error = %e, "cannot check for other listeners on the address")
+            }
+        }
+    }
     Ok(Listener {
         name: spec.name.clone(),
         address: describe(&local, kind),
@@ -304,16 +327,41 @@ pub fn slot_copies(
 }
 
 fn copy_for_slot(l: &Listener, backlog: i32) -> Result<Option<Listener>, Error> {
-    let Some(addr) = l.local.filter(|_| l.tcp && !l.inherited) else {
+    if !l.tcp || l.inherited {
         return Ok(None);
-    };
+    }
+    copy_with_backlog(l, backlog).map(Some)
+}
+
+/// Another TCP listener on `l`'s address, with `SO_REUSEPORT` (so `l` must
+/// have it), the same `IPV6_V6ONLY` and backlog: it joins `l`'s reuseport
+/// group, at its end.
+pub fn reuseport_copy(l: &Listener) -> Result<Listener, Error> {
+    let backlog = l.queue().map_or(libc::SOMAXCONN, |q| q.backlog as i32);
+    copy_with_backlog(l, backlog)
+}
+
+fn copy_with_backlog(l: &Listener, backlog: i32) -> Result<Listener, Error> {
     let err = |source| Error::Bind {
         addr: l.address.clone(),
         source,
     };
-    let sock = bind_inet(addr, Type::STREAM, true).map_err(err)?;
+    let addr = l.local.filter(|_| l.tcp).ok_or_else(|| {
+        err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a TCP listener",
+        ))
+    })?;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
+    if addr.is_ipv6() {
+        let only = SockRef::from(l).only_v6().map_err(err)?;
+        sock.set_only_v6(only).map_err(err)?;
+    }
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.set_reuse_port(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
     sock.listen(backlog).map_err(err)?;
-    Ok(Some(Listener {
+    Ok(Listener {
         name: l.name.clone(),
         address: l.address.clone(),
         kind: Kind::Listener,
@@ -323,7 +371,7 @@ fn copy_for_slot(l: &Listener, backlog: i32) -> Result<Option<Listener>, Error> 
         _lock: None,
         local: Some(addr),
         fd: sock.into(),
-    }))
+    })
 }
 
 fn bind_inet(addr: SocketAddr, ty: Type, reuseport: bool) -> io::Result<Socket> {
@@ -415,6 +463,7 @@ pub fn open_all(
     specs: &[ListenSpec],
     backlog: i32,
     reuseport: bool,
+    steer: bool,
     fd_store: bool,
 ) -> Result<Vec<Listener>, Error> {
     let mut inherited = inherited;
@@ -431,7 +480,7 @@ pub fn open_all(
             own.push(l);
             continue;
         }
-        own.push(bind(spec, backlog, reuseport)?);
+        own.push(bind(spec, backlog, reuseport, steer)?);
     }
     let (stale, inherited): (Vec<Listener>, Vec<Listener>) = inherited
         .into_iter()

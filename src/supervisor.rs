@@ -26,6 +26,7 @@ use crate::launch::set_var;
 use crate::notify::{Message, Upstream, WorkerSocket};
 use crate::policy::{self, Action, Event, Settings, State, WaiterId};
 use crate::sockets::Listener;
+use crate::steer::Steering;
 use crate::sys::ExecPlan;
 use crate::worker::WorkerId;
 
@@ -146,6 +147,8 @@ pub struct Supervisor {
     slot_fds: Vec<Vec<RawFd>>,
     /// Per-slot SO_REUSEPORT copies (`--reuseport-per-worker`), held open.
     copies: Vec<Vec<Option<Listener>>>,
+    /// A socket per generation, and where new connections go (see `steer`).
+    steering: Steering,
     fdnames: OsString,
     worker_env: Vec<(OsString, OsString)>,
     notify_dir: NotifyDir,
@@ -183,6 +186,8 @@ pub async fn run(
     let (notify_tx, mut notify_rx) = mpsc::channel(1024);
     let upstream = Upstream::new(env.get("NOTIFY_SOCKET").map(|s| s.as_os_str()))
         .map_err(|e| Error::system("bad NOTIFY_SOCKET", e))?;
+    let keep_home = config.fd_store || listeners.iter().any(|l| l.inherited);
+    let steering = Steering::new(&listeners, config.steer, keep_home);
     let settings = Settings {
         workers: config.workers,
         ready: config.ready,
@@ -195,6 +200,7 @@ pub async fn run(
             ..Default::default()
         },
         daemonizes: config.launch.pidfile.is_some(),
+        steered: steering.active(),
     };
     let health = config.health;
     let config_workers = config.workers;
@@ -231,6 +237,7 @@ pub async fn run(
         fds,
         slot_fds,
         copies,
+        steering,
         fdnames,
         notify_tx,
         sockets: HashMap::new(),
@@ -261,6 +268,8 @@ pub async fn run(
     if let Some(d) = watchdog {
         tracing::info!(period = %humantime::format_duration(d), "systemd watchdog enabled");
     }
+    // Runs only while a hand-over waits for old queues to drain.
+    let mut steer_tick = tokio::time::interval(crate::steer::POLL);
 
     if sup.process(Event::Start) {
         return Ok(());
@@ -322,6 +331,12 @@ pub async fn run(
                 }
                 continue;
             }
+            _ = steer_tick.tick(), if sup.steering.waiting() => {
+                if !sup.steering.poll(&sup.listeners, Instant::now()) {
+                    continue;
+                }
+                Event::Drained
+            }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 if !health.watchdog_follows_health || sup.state.healthy() {
                     sup.upstream.send(&[NotifyState::Watchdog]);
@@ -365,6 +380,14 @@ impl Supervisor {
                     Action::Forget { worker } => {
                         self.sockets.remove(&worker);
                         self.daemons.remove(&worker);
+                    }
+                    Action::Steer { generation } => {
+                        if self
+                            .steering
+                            .steer(&self.listeners, generation, Instant::now())
+                        {
+                            queue.push_back(Event::Drained);
+                        }
                     }
                     Action::Upstream(msgs) => self.tell_systemd(&msgs),
                     Action::Reply { waiter, result } => {
@@ -463,11 +486,21 @@ impl Supervisor {
             }
             None => None,
         };
+        let fds = if self.steering.active() {
+            let live = self.state.workers.values().map(|w| w.generation).collect();
+            self.steering
+                .fds(&self.listeners, generation, &live, &self.fds)
+        } else {
+            self.slot_fds
+                .get(slot as usize)
+                .unwrap_or(&self.fds)
+                .clone()
+        };
         let mut plan = ExecPlan::new(
             &cmd.path,
             &rendered.argv,
             &env,
-            self.slot_fds.get(slot as usize).unwrap_or(&self.fds),
+            &fds,
             launch.process_settings(),
         )
         .map_err(|e| e.to_string())?;
@@ -529,12 +562,13 @@ impl Supervisor {
         self.upstream.send(&states);
     }
 
-    /// The socket a queue entry watches: a slot's own copy, or the listener.
+    /// The socket a queue entry watches: a slot's own copy, the serving
+    /// generation's (steering), or the listener.
     fn socket(&self, listener: usize, slot: Option<u32>) -> &Listener {
         slot.filter(|s| *s > 0)
             .and_then(|s| self.copies.get(s as usize - 1))
             .and_then(|row| row[listener].as_ref())
-            .unwrap_or(&self.listeners[listener])
+            .unwrap_or_else(|| self.steering.serving(&self.listeners, listener))
     }
 
     /// One health round: sample every watched queue, and (less often) every
@@ -657,7 +691,7 @@ impl Supervisor {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let q = l.queue();
+                let q = self.socket(i, None).queue();
                 // With per-slot copies: the depth of each slot's own queue.
                 let slots: Option<Vec<Option<u32>>> = self.copies.first().and_then(|row| row[i].as_ref()).map(|_| {
                     (0..=self.copies.len())
@@ -670,6 +704,7 @@ impl Supervisor {
                     "name": l.name,
                     "address": l.address,
                     "inherited": l.inherited,
+                    "handover": if self.steering.steers(i) { "steer" } else { "shared" },
                     "queue": q.map(|q| q.depth),
                     "backlog": q.map(|q| q.backlog),
                     "stalled": stalled,
@@ -690,6 +725,10 @@ impl Supervisor {
             "healthy": self.state.healthy(),
             "workers": workers,
             "sockets": sockets,
+            "steering": self.steering.active().then(|| {
+                let (pools, target) = self.steering.pools();
+                serde_json::json!({ "pools": pools, "target": target })
+            }),
         })
     }
 }

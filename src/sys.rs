@@ -366,6 +366,43 @@ pub fn tcp_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// `SO_ATTACH_REUSEPORT_CBPF` from <asm-generic/socket.h> (libc does not
+/// export it for every Linux target).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Send every new connection of `fd`'s `SO_REUSEPORT` group to the socket at
+/// `index` in the group: a classic BPF program that returns `index` (the
+/// kernel falls back to its hash when there is no socket at `index`). The
+/// program belongs to the group, so any member may set it, and a new one
+/// replaces the old.
+pub fn steer_reuseport(fd: BorrowedFd<'_>, index: u32) -> io::Result<()> {
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `prog` and the code it points to outlive the call; the kernel
+    // copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Make nogap the reaper of its workers' orphans (double-forking servers).
 pub fn set_child_subreaper() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.

@@ -15,6 +15,7 @@ fn settings(workers: u32, ready: ReadyMode) -> Settings {
         backoff: Backoff::default(),
         health: HealthSettings::default(),
         daemonizes: false,
+        steered: false,
     }
 }
 
@@ -501,4 +502,126 @@ fn a_reaped_worker_gets_only_its_group_killed_never_its_pid() {
         !a.contains(&Action::KillGroup { pid: 101 }),
         "the reaped pid may be reused"
     );
+}
+
+/// Notify READY=1 for every starting worker of `generation`.
+fn all_ready(s: &mut State, generation: u64, now: Instant, pid: &mut i32) -> Vec<Action> {
+    let ids: Vec<_> = s
+        .workers
+        .values()
+        .filter(|w| w.generation == generation)
+        .map(|w| w.id)
+        .collect();
+    let mut out = Vec::new();
+    for worker in ids {
+        let messages = vec![Message::Ready];
+        out.extend(run(s, Event::Notify { worker, messages }, now, pid));
+    }
+    out
+}
+
+fn stop_signals(actions: &[Action]) -> Vec<i32> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn steered_reload_stops_the_old_generation_only_once_drained() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut settings = settings(2, ReadyMode::Notify);
+    settings.steered = true;
+    let mut s = State::new(settings);
+    run(&mut s, Event::Start, t0, &mut pid);
+    let a = all_ready(&mut s, 1, t0, &mut pid);
+    assert!(a.contains(&Action::Steer {
+        generation: Some(1)
+    }));
+    run(&mut s, Event::Reload { waiter: Some(7) }, t0, &mut pid);
+    let a = all_ready(&mut s, 2, t0, &mut pid);
+    // Steered to generation 2 and the reload answered; generation 1 serves
+    // what is queued for it: no stop signal yet.
+    assert!(a.contains(&Action::Steer {
+        generation: Some(2)
+    }));
+    assert!(a.contains(&Action::Reply {
+        waiter: 7,
+        result: Ok(2)
+    }));
+    assert_eq!(stop_signals(&a), Vec::<i32>::new());
+    assert_eq!(s.next_deadline(), Some(t0 + HANDOVER_TIMEOUT));
+    let a = s.handle(Event::Drained, t0);
+    assert_eq!(stop_signals(&a), vec![101, 102]);
+    // A second Drained does nothing.
+    assert!(s.handle(Event::Drained, t0).is_empty());
+}
+
+#[test]
+fn steered_handover_times_out() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut settings = settings(1, ReadyMode::Notify);
+    settings.steered = true;
+    let mut s = State::new(settings);
+    run(&mut s, Event::Start, t0, &mut pid);
+    all_ready(&mut s, 1, t0, &mut pid);
+    s.handle(Event::Drained, t0);
+    run(&mut s, Event::Reload { waiter: None }, t0, &mut pid);
+    all_ready(&mut s, 2, t0, &mut pid);
+    let early = t0 + HANDOVER_TIMEOUT - Duration::from_millis(1);
+    assert_eq!(
+        stop_signals(&s.handle(Event::Tick, early)),
+        Vec::<i32>::new()
+    );
+    let a = s.handle(Event::Tick, t0 + HANDOVER_TIMEOUT);
+    assert_eq!(stop_signals(&a), vec![101]);
+}
+
+#[test]
+fn steered_stop_drains_serving_workers_first_and_stops_the_rest_now() {
+    let t0 = Instant::now();
+    let mut pid = 100;
+    let mut settings = settings(1, ReadyMode::Notify);
+    settings.steered = true;
+    let mut s = State::new(settings);
+    run(&mut s, Event::Start, t0, &mut pid);
+    all_ready(&mut s, 1, t0, &mut pid);
+    s.handle(Event::Drained, t0);
+    // A reload under way: its worker (102) is not ready yet.
+    run(&mut s, Event::Reload { waiter: None }, t0, &mut pid);
+    let a = s.handle(Event::Stop, t0);
+    assert!(a.contains(&Action::Steer { generation: None }));
+    assert_eq!(stop_signals(&a), vec![102]);
+    let a = s.handle(Event::Drained, t0);
+    assert_eq!(stop_signals(&a), vec![101]);
+    // No health replacement while stopping.
+    let a = s.handle(
+        Event::QueueStalled {
+            socket: "http".into(),
+            depth: 3,
+            slot: None,
+        },
+        t0,
+    );
+    assert!(!a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    s.handle(
+        Event::Exited {
+            pid: 101,
+            status: "exited with status 0".into(),
+        },
+        t0,
+    );
+    let a = s.handle(
+        Event::Exited {
+            pid: 102,
+            status: "exited with status 0".into(),
+        },
+        t0,
+    );
+    assert!(a.contains(&Action::Exit));
 }

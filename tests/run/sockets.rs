@@ -206,6 +206,10 @@ fn backlog_defaults_to_somaxconn_and_can_be_set() {
     }
 }
 
+/// Only `--reuseport` shares the port with other listeners. Steering (the
+/// default hand-over) sets SO_REUSEPORT on nogap's TCP sockets, so a raw
+/// SO_REUSEPORT socket of the same user can bind; a second nogap still fails
+/// as on a port in use.
 #[test]
 fn reuseport_lets_another_socket_bind_the_port() {
     use socket2::{Domain, Socket, Type};
@@ -214,18 +218,36 @@ fn reuseport_lets_another_socket_bind_the_port() {
         s.set_reuse_port(true).unwrap();
         s.bind(&addr.into()).map(|_| s)
     };
-    for reuseport in [true, false] {
+    for (args, binds) in [
+        (&["--reuseport"][..], true),
+        (&["--handover", "shared"][..], false),
+    ] {
         let dir = scratch();
         let addr = free_addr();
-        let args: &[&str] = if reuseport { &["--reuseport"] } else { &[] };
         let _nogap = crate::util::start_demo(dir.path(), addr, args, &[]);
         let second = try_bind(addr);
         assert_eq!(
             second.is_ok(),
-            reuseport,
-            "binding a second SO_REUSEPORT socket with{} --reuseport: {:?}",
-            if reuseport { "" } else { "out" },
+            binds,
+            "binding a second SO_REUSEPORT socket with {args:?}: {:?}",
             second.err()
         );
+    }
+    for args in [&[][..], &["--handover", "shared"][..]] {
+        let dir = scratch();
+        let addr = free_addr();
+        let _first = crate::util::start_demo(dir.path(), addr, args, &[]);
+        let listen = addr.to_string();
+        let mut all = vec!["run", "-l", &listen];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--", crate::common::demo_bin()]);
+        let out = std::process::Command::new(crate::common::nogap_bin())
+            .args(&all)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "second nogap {args:?}: {err}");
+        assert!(err.contains("in use"), "{err}");
     }
 }

@@ -148,17 +148,34 @@ fn worker_gets_exactly_the_sockets_at_fd_3_and_matching_listen_variables() {
         .collect();
     assert_eq!(notify.len(), 2, "one notify socket per worker: {notify:?}");
 
-    // The next generation gets the very same sockets, names and fd layout.
+    // The next generation gets the same names and fd layout. Its TCP
+    // sockets are its own (steered hand-over: same address, another socket
+    // of the reuseport group); UDP and unix sockets are the very same. Once
+    // generation 1 is gone, the next one takes its sockets again.
     reload(&nogap, 2);
     let gen2 = reports(&nogap, dir.path(), 2, 2);
-    for (a, b) in gen1.iter().zip(&gen2) {
+    for p in nogap.started_pids(Some(1)) {
+        crate::common::must(LONG, "generation 1 exits", || {
+            !crate::common::process_exists(p)
+        });
+    }
+    reload(&nogap, 3);
+    let gen3 = reports(&nogap, dir.path(), 3, 2);
+    for ((a, b), c) in gen1.iter().zip(&gen2).zip(&gen3) {
         assert_eq!(env(b, "NOGAP_GENERATION"), Some("2"));
         assert_eq!(env(a, "LISTEN_FDNAMES"), env(b, "LISTEN_FDNAMES"));
         for n in 3..=6 {
+            let steered = n <= 4;
+            assert_eq!(fd(a, n)["socket"], fd(b, n)["socket"], "fd {n}");
+            assert_eq!(
+                fd(a, n)["target"] != fd(b, n)["target"],
+                steered,
+                "fd {n}: generation 2's socket (steered: {steered})"
+            );
             assert_eq!(
                 fd(a, n)["target"],
-                fd(b, n)["target"],
-                "fd {n} is another socket"
+                fd(c, n)["target"],
+                "fd {n} of generation 3"
             );
         }
         assert_eq!(fd_numbers(b), [0, 1, 2, 3, 4, 5, 6]);
