@@ -7,7 +7,10 @@
 //!
 //! Hand-off mode: nogap creates sockets in blocking mode (as systemd does by
 //! default) and never changes `O_NONBLOCK` afterwards; inherited sockets are
-//! passed on exactly as received. The flag belongs to the open file shared by
+//! passed on exactly as received. The exception is the nginx form, which
+//! gets non-blocking sockets (see [`nonblocking_for_nginx`]). A generation's
+//! own steered socket (see `steer`) starts in the original's mode as it was
+//! before the first hand-off. The flag belongs to the open file shared by
 //! every worker, so a server that sets it (most event-loop servers do) sets it
 //! for all generations.
 
@@ -334,11 +337,39 @@ fn copy_for_slot(l: &Listener, backlog: i32) -> Result<Option<Listener>, Error> 
 }
 
 /// Another TCP listener on `l`'s address, with `SO_REUSEPORT` (so `l` must
-/// have it), the same `IPV6_V6ONLY` and backlog: it joins `l`'s reuseport
-/// group, at its end.
-pub fn reuseport_copy(l: &Listener) -> Result<Listener, Error> {
+/// have it), the same `IPV6_V6ONLY` and backlog, and `O_NONBLOCK` as given:
+/// it joins `l`'s reuseport group, at its end.
+pub fn reuseport_copy(l: &Listener, nonblocking: bool) -> Result<Listener, Error> {
     let backlog = l.queue().map_or(libc::SOMAXCONN, |q| q.backlog as i32);
-    copy_with_backlog(l, backlog)
+    let copy = copy_with_backlog(l, backlog)?;
+    if nonblocking {
+        SockRef::from(&copy)
+            .set_nonblocking(true)
+            .map_err(|source| Error::Bind {
+                addr: l.address.clone(),
+                source,
+            })?;
+    }
+    Ok(copy)
+}
+
+/// For nginx (`--fds-as nginx`): make the listening sockets non-blocking
+/// before the first hand-off. nginx sets `O_NONBLOCK` only on sockets it
+/// opens itself; an inherited one comes from an older nginx on a binary
+/// upgrade, non-blocking already. On a blocking one a worker woken for a
+/// connection another worker took blocks in `accept()`, and misses its
+/// master's stop command until a connection comes.
+pub fn nonblocking_for_nginx(listeners: &[Listener]) {
+    for l in listeners.iter().filter(|l| l.kind == Kind::Listener) {
+        match SockRef::from(l).set_nonblocking(true) {
+            Ok(()) => {
+                tracing::info!(socket = %l.name, "nginx form: socket handed over non-blocking")
+            }
+            Err(e) => {
+                tracing::warn!(socket = %l.name, error = %e, "cannot make the socket non-blocking")
+            }
+        }
+    }
 }
 
 fn copy_with_backlog(l: &Listener, backlog: i32) -> Result<Listener, Error> {

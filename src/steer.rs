@@ -46,6 +46,8 @@ pub const POLL: Duration = Duration::from_millis(5);
 struct Steered {
     /// Index into the supervisor's listeners.
     listener: usize,
+    /// The original's `O_NONBLOCK` before any hand-off: pools start so too.
+    nonblocking: bool,
     /// `copies[k - 1]` is pool k.
     copies: Vec<Listener>,
 }
@@ -82,6 +84,7 @@ impl Steering {
                     tracing::info!(socket = %l.name, "hand-over: steered (a socket per generation)");
                     steered.push(Steered {
                         listener: i,
+                        nonblocking: socket2::SockRef::from(l).nonblocking().unwrap_or(false),
                         copies: Vec::new(),
                     });
                 }
@@ -177,7 +180,7 @@ impl Steering {
             if before != self.pools {
                 return Err(format!("{before} sockets listen on {} where nogap has {}: another process shares the address", l.address, self.pools));
             }
-            copies.push(sockets::reuseport_copy(l).map_err(|e| e.to_string())?);
+            copies.push(sockets::reuseport_copy(l, s.nonblocking).map_err(|e| e.to_string())?);
             let after = members(s)?;
             if after != self.pools + 1 {
                 return Err(format!("{after} sockets listen on {} after adding one to nogap's {}: another process shares the address", l.address, self.pools));

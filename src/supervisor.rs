@@ -186,6 +186,9 @@ pub async fn run(
     let (notify_tx, mut notify_rx) = mpsc::channel(1024);
     let upstream = Upstream::new(env.get("NOTIFY_SOCKET").map(|s| s.as_os_str()))
         .map_err(|e| Error::system("bad NOTIFY_SOCKET", e))?;
+    if config.launch.fds_as.contains(&handoff::HandOff::Nginx) {
+        crate::sockets::nonblocking_for_nginx(&listeners);
+    }
     let keep_home = config.fd_store || listeners.iter().any(|l| l.inherited);
     let steering = Steering::new(&listeners, config.steer, keep_home);
     let settings = Settings {
