@@ -265,6 +265,9 @@ pub fn client_status(args: &StatusArgs, env: &Environment) -> Result<(), Error> 
             sock["name"].as_str().unwrap_or(""),
             sock["address"].as_str().unwrap_or("")
         );
+        if let Some(mode) = sock["handover"].as_str() {
+            line.push_str(&format!("  {mode}"));
+        }
         if let (Some(q), Some(b)) = (sock["queue"].as_u64(), sock["backlog"].as_u64()) {
             line.push_str(&format!("  queue {q}/{b}  stalls {}", sock["stalls"]));
         }

@@ -192,6 +192,17 @@ fn steered_reloads_lose_nothing_even_when_the_stop_signal_is_sigkill() {
     eprintln!("{}", nc.summary());
     nc.assert_no_failures();
     assert_eq!(nogap.count_log("new connections steered"), 10);
+    // Two sockets on the address serve every reload, each reused once its
+    // generation is gone; status says so.
+    let out = std::process::Command::new(crate::common::nogap_bin())
+        .args(["status", "--json", "--control"])
+        .arg(dir.path().join("control.sock"))
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["sockets"][0]["handover"], "steer", "{status}");
+    assert_eq!(status["steering"]["pools"], 2, "{status}");
+    assert_eq!(status["steering"]["target"], 0, "{status}");
 }
 
 #[test]

@@ -238,10 +238,10 @@ fn reuseport_lets_another_socket_bind_the_port() {
         let addr = free_addr();
         let _first = crate::util::start_demo(dir.path(), addr, args, &[]);
         let listen = addr.to_string();
-        let mut all = vec!["run", "-l", &listen];
+        let mut all = vec!["-l", &listen];
         all.extend_from_slice(args);
         all.extend_from_slice(&["--", crate::common::demo_bin()]);
-        let out = std::process::Command::new(crate::common::nogap_bin())
+        let out = crate::common::nogap_command(dir.path())
             .args(&all)
             .current_dir(dir.path())
             .output()
