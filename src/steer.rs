@@ -290,5 +290,15 @@ fn steerable(l: &Listener) -> Result<(), String> {
         }
         Err(e) => return Err(format!("cannot count the sockets on {local}: {e}")),
     }
-    sys::steer_reuseport(l.as_fd(), 0).map_err(|e| format!("cannot attach a steering program: {e}"))
+    sys::steer_reuseport(l.as_fd(), 0)
+        .map_err(|e| format!("cannot attach a steering program: {e}"))?;
+    // Can nogap bind another socket there (same user as the socket's
+    // creator)? With the program in place the trial copy gets no
+    // connection, and as the group's last member it leaves without moving
+    // the others.
+    drop(
+        sockets::reuseport_copy(l, false)
+            .map_err(|e| format!("cannot bind a second socket: {e}"))?,
+    );
+    Ok(())
 }
