@@ -17,7 +17,8 @@
 //! * [`steer`]: a socket per generation, new connections steered to the
 //!   serving one, so old workers stop only once their queues are empty.
 //! * [`handoff`]: how workers learn their sockets (LISTEN_FDS, einhorn,
-//!   Server::Starter, nginx, argv templates).
+//!   Server::Starter, nginx, argv templates); [`einhorn`]: einhorn's
+//!   command socket, whose `worker:ack` counts as READY=1.
 //! * [`launch`]: worker process settings (user, groups, env, limits, pid file).
 //! * [`daemon`]: following servers that daemonize; no orphan outlives nogap.
 //! * [`sys`]: every `unsafe` block: fork/exec with the fd hand-off, TCP_INFO.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod diag;
+pub mod einhorn;
 pub mod error;
 pub mod handoff;
 pub mod health;

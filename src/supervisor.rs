@@ -154,6 +154,8 @@ pub struct Supervisor {
     notify_dir: NotifyDir,
     notify_tx: mpsc::Sender<(WorkerId, Result<Vec<Message>, String>)>,
     sockets: HashMap<WorkerId, WorkerSocket>,
+    /// With `--fds-as einhorn`: each worker's einhorn command socket.
+    einhorn: HashMap<WorkerId, crate::einhorn::EinhornSocket>,
     upstream: Upstream,
     waiters: HashMap<WaiterId, oneshot::Sender<Result<u64, String>>>,
     next_waiter: WaiterId,
@@ -244,6 +246,7 @@ pub async fn run(
         fdnames,
         notify_tx,
         sockets: HashMap::new(),
+        einhorn: HashMap::new(),
         upstream,
         waiters: HashMap::new(),
         next_waiter: 1,
@@ -382,6 +385,7 @@ impl Supervisor {
                     }
                     Action::Forget { worker } => {
                         self.sockets.remove(&worker);
+                        self.einhorn.remove(&worker);
                         self.daemons.remove(&worker);
                     }
                     Action::Steer { generation } => {
@@ -466,6 +470,20 @@ impl Supervisor {
         if let Some(d) = self.config.health.worker_watchdog {
             env.push(("WATCHDOG_USEC".into(), d.as_micros().to_string().into()));
         }
+        // einhorn's command socket: a worker's `worker:ack` counts as READY=1.
+        let einhorn = if launch.fds_as.contains(&handoff::HandOff::Einhorn) {
+            let path = self.notify_dir.0.join(format!("w{worker}.einhorn.sock"));
+            let sock = crate::einhorn::EinhornSocket::bind(path, worker, self.notify_tx.clone())
+                .map_err(|e| format!("cannot create einhorn command socket: {e}"))?;
+            if creds.uid.is_some() || creds.gid.is_some() {
+                std::os::unix::fs::chown(sock.path(), creds.uid, creds.gid)
+                    .map_err(|e| format!("cannot chown einhorn command socket: {e}"))?;
+            }
+            set_var(&mut env, "EINHORN_SOCK_PATH".into(), sock.path().into());
+            Some(sock)
+        } else {
+            None
+        };
         let info = handoff::WorkerInfo {
             generation,
             slot,
@@ -511,6 +529,9 @@ impl Supervisor {
             .spawn()
             .map_err(|e| format!("cannot execute {}: {e}", cmd.path.display()))?;
         self.sockets.insert(worker, socket);
+        if let Some(sock) = einhorn {
+            self.einhorn.insert(worker, sock);
+        }
         if let Some(p) = pidfile {
             self.daemons.insert(worker, (pid.as_raw(), p));
         }
