@@ -195,7 +195,8 @@ pub struct WorkerArgs {
     ///
     ///   systemd         only LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID (the default)
     ///   einhorn         EINHORN_FD_COUNT, EINHORN_FD_0.., EINHORN_FDS, EINHORN_MASTER_PID,
-    ///                   EINHORN_CHILD_INDEX
+    ///                   EINHORN_CHILD_INDEX, and EINHORN_SOCK_PATH, a command socket per
+    ///                   worker: einhorn's manual ACK (worker:ack) counts as READY=1
     ///   server-starter  SERVER_STARTER_PORT=127.0.0.1:8080=3;/run/app.sock=4 and
     ///                   SERVER_STARTER_GENERATION (no UDP sockets)
     ///   nginx           NGINX=3;4; as on an nginx binary upgrade (no abstract unix sockets);
