@@ -12,7 +12,7 @@ use crate::common::{free_addr, read_json, LONG};
 use crate::nginx::nginx_conf_for;
 use crate::util::{
     assert_runs_as_test_user, children_of, reload, reloads_under_load, require_setup, scratch,
-    start, test_ids, user_dir, worker_pids, NGINX, TEST_USER,
+    start, test_ids, user_dir, worker_pids, Running, NGINX, TEST_USER,
 };
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -73,6 +73,87 @@ fn einhorn_workers_find_their_socket() {
     }
     slots.sort();
     assert_eq!(slots, ["0", "1"]);
+}
+
+/// `nogap run --fds-as einhorn --ready notify -- einhorn_worker.py --ack`:
+/// the worker sends no READY=1 but einhorn's manual ACK, as
+/// `Einhorn::Worker.ack!` sends it, on EINHORN_SOCK_PATH.
+fn einhorn_acking(dir: &std::path::Path, addr: &str, workers: &str, flags: &[&str]) -> Running {
+    let worker = dir.join("einhorn_worker.py");
+    let mut args = strings(&[
+        "-l",
+        addr,
+        "-w",
+        workers,
+        "--fds-as",
+        "einhorn",
+        "--ready",
+        "notify",
+        "--user",
+        TEST_USER,
+        "--",
+        "/usr/bin/python3",
+        worker.to_str().unwrap(),
+    ]);
+    args.extend(strings(flags));
+    start(dir, &args)
+}
+
+#[test]
+fn einhorn_manual_ack_makes_a_worker_ready() {
+    require_setup();
+    let dir = scratch();
+    let addr = free_addr();
+    let nogap = einhorn_acking(dir.path(), &addr.to_string(), "2", &["--ack"]);
+    let first: Vec<String> = worker_pids(&nogap, 1)
+        .iter()
+        .map(|&pid| environ(pid)["EINHORN_SOCK_PATH"].clone())
+        .collect();
+    let out = reloads_under_load(&nogap, addr, 3);
+    out.assert_clean();
+    assert_eq!(out.stale_closes, 0);
+    let (uid, _, _) = test_ids();
+    let mut paths = Vec::new();
+    for pid in worker_pids(&nogap, 4) {
+        let path = environ(pid)["EINHORN_SOCK_PATH"].clone();
+        assert!(path.ends_with(".einhorn.sock"), "{path}");
+        let meta = std::fs::metadata(&path).expect("EINHORN_SOCK_PATH exists");
+        assert_eq!(meta.uid(), uid, "{path} is the worker user's");
+        paths.push(path);
+    }
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), 2, "one socket per worker: {paths:?}");
+    assert!(nogap.matching("bad notify message ignored").is_empty());
+    // A forgotten worker's socket goes with it.
+    crate::common::must(LONG, "generation 1's einhorn sockets are removed", || {
+        first.iter().all(|p| !std::path::Path::new(p).exists())
+    });
+}
+
+#[test]
+fn einhorn_bad_line_then_ack_still_ready() {
+    require_setup();
+    let dir = scratch();
+    let addr = free_addr();
+    // start() waits for generation 1 to be ready: the ACK after the bad line.
+    let nogap = einhorn_acking(
+        dir.path(),
+        &addr.to_string(),
+        "1",
+        &["--ack", "--bad-line-first"],
+    );
+    let bad = nogap.matching("bad notify message ignored");
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(
+        bad[0].contains("einhorn command socket")
+            && bad[0].contains("this is not einhorn's protocol"),
+        "{}",
+        bad[0]
+    );
+    reload(&nogap, 2);
+    assert_eq!(nogap.matching("bad notify message ignored").len(), 2);
+    assert!(get_once(&Target::from(addr), LONG).is_ok_and(|r| r.status == 200));
 }
 
 /// Starman reads SERVER_STARTER_PORT through Server::Starter. It is served
