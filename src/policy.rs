@@ -857,7 +857,7 @@ impl State {
         if self.handover.as_ref().is_some_and(|h| h.deadline <= now) {
             tracing::warn!(
                 timeout = %humantime::format_duration(HANDOVER_TIMEOUT),
-                "old workers' queues not drained in time: stopping them anyway"
+                "old workers' queues not drained in time: stopping them anyway (what is still queued for them waits for the next generation that takes their socket)"
             );
             self.finish_handover(now, out);
         }

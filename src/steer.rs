@@ -122,13 +122,16 @@ impl Steering {
     /// hand-off order) with its pool's socket for every steered listener.
     /// A generation's first worker picks the lowest pool no generation in
     /// `live` holds, binding a new one if all are taken; if that fails the
-    /// generation shares the target pool (logged; shared hand-over).
+    /// generation shares the target pool (logged; shared hand-over). With
+    /// `stalled` (nobody accepts from the target pool) it shares the target
+    /// pool too, so that it takes over the connections waiting there.
     pub fn fds(
         &mut self,
         listeners: &[Listener],
         generation: u64,
         live: &BTreeSet<u64>,
         base: &[RawFd],
+        stalled: bool,
     ) -> Vec<RawFd> {
         self.generations
             .retain(|g, _| live.contains(g) || *g == generation);
@@ -136,7 +139,12 @@ impl Steering {
             Some(&p) => p,
             None => {
                 let taken: BTreeSet<usize> = self.generations.values().copied().collect();
-                let pool = match (0..self.pools).find(|p| !taken.contains(p)) {
+                let free = (0..self.pools).find(|p| !taken.contains(p));
+                let pool = match free {
+                    _ if stalled => {
+                        tracing::warn!(generation, "the serving socket is stalled: this generation shares it, to take over its queue");
+                        self.target
+                    }
                     Some(p) => p,
                     None => match self.add_pool(listeners) {
                         Ok(p) => p,

@@ -509,8 +509,13 @@ impl Supervisor {
         };
         let fds = if self.steering.active() {
             let live = self.state.workers.values().map(|w| w.generation).collect();
+            // Nobody accepts from the serving socket: a new generation must
+            // take over its queue, so it shares that socket.
+            let stalled = (0..self.listeners.len()).any(|i| {
+                self.steering.steers(i) && self.state.stalled.contains(&self.listeners[i].name)
+            });
             self.steering
-                .fds(&self.listeners, generation, &live, &self.fds)
+                .fds(&self.listeners, generation, &live, &self.fds, stalled)
         } else {
             self.slot_fds
                 .get(slot as usize)

@@ -205,6 +205,38 @@ fn steered_reloads_lose_nothing_even_when_the_stop_signal_is_sigkill() {
     assert_eq!(status["steering"]["target"], 0, "{status}");
 }
 
+/// A reload while nobody accepts from the serving socket (its accept loop
+/// died, replacements used up): the new generation takes that socket, not a
+/// fresh one, and serves the connections waiting in it.
+#[test]
+fn a_reload_over_a_stalled_socket_serves_its_queue() {
+    let dir = scratch();
+    let addr = free_addr();
+    let worker = switchable_worker(dir.path());
+    set_worker_args(dir.path(), "--stall-accept-after 300ms");
+    let nogap = start(
+        dir.path(),
+        addr,
+        &["--stall-timeout", "500ms", "--max-replacements", "0"],
+        &[worker.to_str().unwrap()],
+    );
+    let nc = crate::common::load::Load::start(
+        crate::common::load::LoadConfig::new(addr, crate::common::load::Mode::NewConnection)
+            .connections(3)
+            .pause(Duration::from_millis(2))
+            .duration(Duration::from_secs(300)),
+    );
+    nogap.wait_for_log("accept queue stalled", LONG);
+    set_worker_args(dir.path(), "");
+    let gen = hup(&nogap);
+    nogap.wait_for_log("shares it, to take over its queue", LONG);
+    nogap.wait_for_log(&format!("generation ready generation={gen}"), LONG);
+    assert!(nc.wait_for_more_ok(50, LONG), "the queue is served again");
+    let nc = nc.stop();
+    eprintln!("{}", nc.summary());
+    nc.assert_no_failures();
+}
+
 #[test]
 fn a_burst_of_hups_coalesces_into_at_most_two_reloads() {
     let dir = scratch();
