@@ -561,16 +561,22 @@ fn steered_reload_stops_the_old_generation_only_once_drained() {
     assert!(s.handle(Event::Drained, t0).is_empty());
 }
 
+/// Steered, one worker, generation 1 (pid 101) serving.
+fn steered_one_worker_serving(t0: Instant, pid: &mut i32) -> State {
+    let mut settings = settings(1, ReadyMode::Notify);
+    settings.steered = true;
+    let mut s = State::new(settings);
+    run(&mut s, Event::Start, t0, pid);
+    all_ready(&mut s, 1, t0, pid);
+    s.handle(Event::Drained, t0);
+    s
+}
+
 #[test]
 fn steered_handover_times_out() {
     let t0 = Instant::now();
     let mut pid = 100;
-    let mut settings = settings(1, ReadyMode::Notify);
-    settings.steered = true;
-    let mut s = State::new(settings);
-    run(&mut s, Event::Start, t0, &mut pid);
-    all_ready(&mut s, 1, t0, &mut pid);
-    s.handle(Event::Drained, t0);
+    let mut s = steered_one_worker_serving(t0, &mut pid);
     run(&mut s, Event::Reload { waiter: None }, t0, &mut pid);
     all_ready(&mut s, 2, t0, &mut pid);
     let early = t0 + HANDOVER_TIMEOUT - Duration::from_millis(1);
@@ -586,12 +592,7 @@ fn steered_handover_times_out() {
 fn steered_stop_drains_serving_workers_first_and_stops_the_rest_now() {
     let t0 = Instant::now();
     let mut pid = 100;
-    let mut settings = settings(1, ReadyMode::Notify);
-    settings.steered = true;
-    let mut s = State::new(settings);
-    run(&mut s, Event::Start, t0, &mut pid);
-    all_ready(&mut s, 1, t0, &mut pid);
-    s.handle(Event::Drained, t0);
+    let mut s = steered_one_worker_serving(t0, &mut pid);
     // A reload under way: its worker (102) is not ready yet.
     run(&mut s, Event::Reload { waiter: None }, t0, &mut pid);
     let a = s.handle(Event::Stop, t0);

@@ -36,25 +36,7 @@ fn einhorn_workers_find_their_socket() {
     require_setup();
     let dir = scratch();
     let addr = free_addr();
-    let worker = dir.path().join("einhorn_worker.py");
-    let nogap = start(
-        dir.path(),
-        &strings(&[
-            "-l",
-            &addr.to_string(),
-            "-w",
-            "2",
-            "--fds-as",
-            "einhorn",
-            "--ready",
-            "notify",
-            "--user",
-            TEST_USER,
-            "--",
-            "/usr/bin/python3",
-            worker.to_str().unwrap(),
-        ]),
-    );
+    let nogap = start_einhorn_worker(dir.path(), &addr.to_string(), "2", &[]);
     let out = reloads_under_load(&nogap, addr, 3);
     out.assert_clean();
     assert_eq!(out.stale_closes, 0);
@@ -75,10 +57,16 @@ fn einhorn_workers_find_their_socket() {
     assert_eq!(slots, ["0", "1"]);
 }
 
-/// `nogap run --fds-as einhorn --ready notify -- einhorn_worker.py --ack`:
-/// the worker sends no READY=1 but einhorn's manual ACK, as
-/// `Einhorn::Worker.ack!` sends it, on EINHORN_SOCK_PATH.
-fn einhorn_acking(dir: &std::path::Path, addr: &str, workers: &str, flags: &[&str]) -> Running {
+/// `nogap run --fds-as einhorn --ready notify -- einhorn_worker.py FLAGS`,
+/// `workers` workers as the test user. With `--ack` the worker sends no
+/// READY=1 but einhorn's manual ACK, as `Einhorn::Worker.ack!` sends it, on
+/// EINHORN_SOCK_PATH.
+fn start_einhorn_worker(
+    dir: &std::path::Path,
+    addr: &str,
+    workers: &str,
+    flags: &[&str],
+) -> Running {
     let worker = dir.join("einhorn_worker.py");
     let mut args = strings(&[
         "-l",
@@ -104,7 +92,7 @@ fn einhorn_manual_ack_makes_a_worker_ready() {
     require_setup();
     let dir = scratch();
     let addr = free_addr();
-    let nogap = einhorn_acking(dir.path(), &addr.to_string(), "2", &["--ack"]);
+    let nogap = start_einhorn_worker(dir.path(), &addr.to_string(), "2", &["--ack"]);
     let first: Vec<String> = worker_pids(&nogap, 1)
         .iter()
         .map(|&pid| environ(pid)["EINHORN_SOCK_PATH"].clone())
@@ -137,7 +125,7 @@ fn einhorn_bad_line_then_ack_still_ready() {
     let dir = scratch();
     let addr = free_addr();
     // start() waits for generation 1 to be ready: the ACK after the bad line.
-    let nogap = einhorn_acking(
+    let nogap = start_einhorn_worker(
         dir.path(),
         &addr.to_string(),
         "1",
