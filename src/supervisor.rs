@@ -274,8 +274,10 @@ pub async fn run(
     if let Some(d) = watchdog {
         tracing::info!(period = %humantime::format_duration(d), "systemd watchdog enabled");
     }
-    // Runs only while a hand-over waits for old queues to drain.
+    // Runs only while a hand-over waits for old queues to drain; Delay, so
+    // that the ticks missed while it did not run are not fired in a burst.
     let mut steer_tick = tokio::time::interval(crate::steer::POLL);
+    steer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     if sup.process(Event::Start) {
         return Ok(());
