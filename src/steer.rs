@@ -52,6 +52,16 @@ struct Steered {
     copies: Vec<Listener>,
 }
 
+impl Steered {
+    /// Its socket in pool `p`.
+    fn socket<'a>(&'a self, listeners: &'a [Listener], p: usize) -> &'a Listener {
+        match p {
+            0 => &listeners[self.listener],
+            _ => &self.copies[p - 1],
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Steering {
     steered: Vec<Steered>,
@@ -160,9 +170,7 @@ impl Steering {
         };
         let mut fds = base.to_vec();
         for s in &self.steered {
-            if pool > 0 {
-                fds[s.listener] = s.copies[pool - 1].raw_fd();
-            }
+            fds[s.listener] = s.socket(listeners, pool).raw_fd();
         }
         fds
     }
@@ -261,21 +269,15 @@ impl Steering {
     pub fn depth(&self, listeners: &[Listener], p: usize) -> u32 {
         self.steered
             .iter()
-            .map(|s| {
-                let sock = match p {
-                    0 => &listeners[s.listener],
-                    _ => &s.copies[p - 1],
-                };
-                sock.queue().map_or(0, |q| q.depth)
-            })
+            .map(|s| s.socket(listeners, p).queue().map_or(0, |q| q.depth))
             .sum()
     }
 
     /// The socket of listener `i` that new connections go to now.
     pub fn serving<'a>(&'a self, listeners: &'a [Listener], i: usize) -> &'a Listener {
         match self.steered.iter().find(|s| s.listener == i) {
-            Some(s) if self.target > 0 => &s.copies[self.target - 1],
-            _ => &listeners[i],
+            Some(s) => s.socket(listeners, self.target),
+            None => &listeners[i],
         }
     }
 }

@@ -55,25 +55,9 @@ fn first_generation_ready_then_reload_hands_over() {
     run(&mut s, Event::Start, t0, &mut pid);
     assert_eq!(pids_in(&s, 1), vec![101, 102]);
     let ids: Vec<_> = s.workers.keys().copied().collect();
-    run(
-        &mut s,
-        Event::Notify {
-            worker: ids[0],
-            messages: vec![Message::Ready],
-        },
-        t0,
-        &mut pid,
-    );
+    ready(&mut s, ids[0], t0, &mut pid);
     assert_eq!(s.serving, None);
-    let a = run(
-        &mut s,
-        Event::Notify {
-            worker: ids[1],
-            messages: vec![Message::Ready],
-        },
-        t0,
-        &mut pid,
-    );
+    let a = ready(&mut s, ids[1], t0, &mut pid);
     assert_eq!(s.serving, Some(1));
     assert!(a.contains(&Action::Upstream(vec![
         Upstream::Ready,
@@ -92,25 +76,9 @@ fn first_generation_ready_then_reload_hands_over() {
         .filter(|w| w.generation == 2)
         .map(|w| w.id)
         .collect();
-    let a = run(
-        &mut s,
-        Event::Notify {
-            worker: new[0],
-            messages: vec![Message::Ready],
-        },
-        t0,
-        &mut pid,
-    );
+    let a = ready(&mut s, new[0], t0, &mut pid);
     assert!(!a.iter().any(|a| matches!(a, Action::Signal { .. })));
-    let a = run(
-        &mut s,
-        Event::Notify {
-            worker: new[1],
-            messages: vec![Message::Ready],
-        },
-        t0,
-        &mut pid,
-    );
+    let a = ready(&mut s, new[1], t0, &mut pid);
     assert!(a.contains(&Action::Signal {
         pid: 101,
         signal: Signal::SIGTERM
@@ -133,15 +101,7 @@ fn failed_reload_keeps_old_generation() {
     let mut s = State::new(settings(1, ReadyMode::Notify));
     run(&mut s, Event::Start, t0, &mut pid);
     let id = *s.workers.keys().next().unwrap();
-    run(
-        &mut s,
-        Event::Notify {
-            worker: id,
-            messages: vec![Message::Ready],
-        },
-        t0,
-        &mut pid,
-    );
+    ready(&mut s, id, t0, &mut pid);
     run(&mut s, Event::Reload { waiter: Some(1) }, t0, &mut pid);
     let a = run(
         &mut s,
@@ -299,15 +259,7 @@ fn daemonized_worker_is_followed() {
     );
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(pids_in(&s, 1), vec![555]);
-    run(
-        &mut s,
-        Event::Notify {
-            worker: id,
-            messages: vec![Message::Ready],
-        },
-        t0,
-        &mut pid,
-    );
+    ready(&mut s, id, t0, &mut pid);
     assert_eq!(s.serving, Some(1));
     // Stopping signals the daemon; its exit ends nogap.
     let out = s.handle(Event::Stop, t0);
@@ -396,7 +348,7 @@ fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
     cfg.health.worker_watchdog = Some(Duration::from_secs(1));
     let mut s = State::new(cfg);
     run(&mut s, Event::Start, t0, &mut pid);
-    let ready = |s: &mut State, pid: &mut i32, now| {
+    let starting_ready = |s: &mut State, pid: &mut i32, now| {
         let starting: Vec<WorkerId> = s
             .workers
             .values()
@@ -405,12 +357,11 @@ fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
             .collect();
         let mut out = Vec::new();
         for worker in starting {
-            let messages = vec![Message::Ready];
-            out.extend(run(s, Event::Notify { worker, messages }, now, pid));
+            out.extend(ready(s, worker, now, pid));
         }
         out
     };
-    ready(&mut s, &mut pid, t0);
+    starting_ready(&mut s, &mut pid, t0);
     assert_eq!(s.serving, Some(1));
     let (a, b) = (101, 102);
     // Neither pings: both miss the watchdog at once; one is replaced now.
@@ -422,7 +373,7 @@ fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
         .count();
     assert_eq!(spawns, 1, "one replacement at a time: {out:?}");
     // Its replacement is ready: the first drains, the second is replaced.
-    let out = ready(&mut s, &mut pid, t1);
+    let out = starting_ready(&mut s, &mut pid, t1);
     assert!(
         out.contains(&Action::Signal {
             pid: a,
@@ -435,7 +386,7 @@ fn workers_found_unhealthy_during_a_replacement_are_replaced_after_it() {
             .any(|a| matches!(a, Action::Spawn { slot: 1, .. })),
         "{out:?}"
     );
-    let out = ready(&mut s, &mut pid, t1);
+    let out = starting_ready(&mut s, &mut pid, t1);
     assert!(
         out.contains(&Action::Signal {
             pid: b,
@@ -504,7 +455,13 @@ fn a_reaped_worker_gets_only_its_group_killed_never_its_pid() {
     );
 }
 
-/// Notify READY=1 for every starting worker of `generation`.
+/// READY=1 from one worker.
+fn ready(s: &mut State, worker: WorkerId, now: Instant, pid: &mut i32) -> Vec<Action> {
+    let messages = vec![Message::Ready];
+    run(s, Event::Notify { worker, messages }, now, pid)
+}
+
+/// READY=1 from every worker of `generation`.
 fn all_ready(s: &mut State, generation: u64, now: Instant, pid: &mut i32) -> Vec<Action> {
     let ids: Vec<_> = s
         .workers
@@ -514,8 +471,7 @@ fn all_ready(s: &mut State, generation: u64, now: Instant, pid: &mut i32) -> Vec
         .collect();
     let mut out = Vec::new();
     for worker in ids {
-        let messages = vec![Message::Ready];
-        out.extend(run(s, Event::Notify { worker, messages }, now, pid));
+        out.extend(ready(s, worker, now, pid));
     }
     out
 }
