@@ -1,5 +1,5 @@
 //! Command-line interface: clap structs only. Values arrive typed (see the
-//! `config::parse_*` value parsers); `config` turns them into a `RunConfig`.
+//! `spec::parse_*` value parsers); `config` resolves them into a `RunConfig`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -8,17 +8,19 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::Signal;
 
-use crate::config::{self, Handover, ListenSpec, ReadyMode};
-use crate::handoff::{self, HandOff};
-use crate::launch::{self, GroupSpec, UserSpec};
+use crate::spec::{self, HandOff, Handover, ListenArg, Principal};
 
 const AFTER_HELP: &str = "\
-Signals: HUP reloads (a new generation starts; the old one drains once it is ready),
-TERM and INT stop gracefully.
+Signals: HUP reloads (a new generation starts; the old one drains once it is ready);
+TERM, INT and QUIT stop gracefully; USR1 is passed on to every ready worker (log
+reopen); USR2 upgrades nogap in place (as nogap upgrade); every other signal that would
+stop or terminate a process (ALRM, TTIN, TSTP, real-time signals...) is ignored with a
+log line.
 
-Exit codes: 0 stopped cleanly; 1 runtime failure (or a failed reload, for reload --wait);
+Exit codes: 0 stopped cleanly; 1 runtime failure (or a failed reload, or a refused upgrade, with --wait);
 2 usage error; 3 sockets cannot be set up; 4 command not found or not executable;
-5 control socket unreachable.
+5 control socket unreachable; 6 no worker could start (--start-limit); 7 runtime directory
+not nogap's own.
 
 Logs go to journald when stderr is the journal, otherwise to stderr; NOGAP_LOG sets the
 level (error, warn, info, debug, trace; default info).";
@@ -46,6 +48,18 @@ pub enum Command {
     Reload(ReloadArgs),
     /// Show generation, workers, sockets and the last reload.
     Status(StatusArgs),
+    /// Re-execute the nogap binary in place (same pid, same workers, same sockets).
+    ///
+    /// The running nogap runs the binary at the path it was started from (as
+    /// it is now: a package upgrade replaces the file) with a probe first;
+    /// a binary that cannot take over is refused and the old one keeps
+    /// running. Then it executes it in its own process, handing over its
+    /// sockets, workers and state. SIGUSR2 does the same.
+    Upgrade(UpgradeArgs),
+    /// Print the state format versions this binary can take over (used by
+    /// a running nogap before it upgrades to this binary).
+    #[command(hide = true, name = "upgrade-probe")]
+    UpgradeProbe,
 }
 
 #[derive(Debug, Args)]
@@ -54,8 +68,8 @@ pub struct RunArgs {
     /// unix:/path[?mode=0660&owner=USER:GROUP]. NAME is what workers see in LISTEN_FDNAMES
     /// (default derived from ADDR, e.g. tcp-127.0.0.1-8080). Repeatable. Sockets passed to
     /// nogap by systemd (LISTEN_FDS) are used too, with their names.
-    #[arg(short, long, value_name = "[NAME=]ADDR", value_parser = config::parse_listen)]
-    pub listen: Vec<ListenSpec>,
+    #[arg(short, long, value_name = "[NAME=]ADDR", value_parser = spec::parse_listen)]
+    pub listen: Vec<ListenArg>,
 
     /// Listen backlog [default: net.core.somaxconn]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=(i32::MAX as i64)))]
@@ -72,7 +86,7 @@ pub struct RunArgs {
     /// 'shared' lets every generation accept from one socket. Sockets that cannot be
     /// steered (UDP, unix, inherited without SO_REUSEPORT) are shared either way, and
     /// so are all with --reuseport or --reuseport-per-worker.
-    #[arg(long, value_name = "MODE", default_value = "steer", value_parser = config::parse_handover)]
+    #[arg(long, value_name = "MODE", default_value = "steer", value_parser = spec::parse_handover)]
     pub handover: Handover,
 
     /// Workers per generation.
@@ -81,20 +95,47 @@ pub struct RunArgs {
     pub workers: u32,
 
     /// When a new worker is ready: 'notify' (it sends READY=1 on NOTIFY_SOCKET) or
-    /// 'alive:DURATION' (it stayed alive that long, or sent READY=1 earlier).
-    #[arg(long, value_name = "MODE", default_value = "alive:1s", value_parser = config::parse_ready)]
-    pub ready: ReadyMode,
+    /// 'alive:DURATION' (it stayed alive that long, or sent READY=1 earlier). Add a
+    /// probe to check a new generation before any client reaches it: 'notify+http:PATH'
+    /// (after READY=1 nogap sends GET PATH through the generation's own socket and
+    /// needs a 2xx answer), '+tcp' (a connection it accepts); alone, 'http:PATH' or
+    /// 'tcp' probe from the start until one passes. Probes need the steered hand-over.
+    #[arg(long, value_name = "MODE", default_value = "alive:1s", value_parser = spec::parse_ready_probe)]
+    pub ready: spec::Ready,
 
     /// A new worker that is not ready by then has failed.
-    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = spec::parse_duration)]
     pub start_timeout: Duration,
 
+    /// Progressive hand-over: once a reload's new generation is ready (after its
+    /// probe, if any), send it only PCT% of new connections for DURATION (e.g.
+    /// 10%:30s; PCT from 1 to 99), the rest to the serving one, and watch it. A
+    /// worker of it that exits or turns unhealthy, or (with a probe in --ready) a
+    /// probe repeated every second that fails, rolls back: every new connection
+    /// goes to the serving generation again, the new one is stopped once its queue
+    /// is empty, and the reload fails ('canary failed: ...'). Needs the steered
+    /// hand-over. Read from the new configuration at each reload. [default: off]
+    #[arg(long, value_name = "PCT:DURATION", value_parser = spec::parse_canary)]
+    pub canary: Option<spec::Canary>,
+
+    /// Give up, and exit with status 6, once a worker of the first generation failed
+    /// to start N times within --start-limit-interval (exited, could not be run, or
+    /// missed --start-timeout): a command that can never start is not retried forever.
+    /// Only before the first generation serves; 0 retries forever.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub start_limit: u32,
+
+    /// The window of --start-limit.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = spec::parse_duration)]
+    pub start_limit_interval: Duration,
+
     /// Signal that asks a worker to drain and exit.
-    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = config::parse_signal)]
+    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = spec::parse_signal)]
     pub stop_signal: Signal,
 
-    /// After the stop signal, SIGKILL the worker's process group after this long.
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = config::parse_duration)]
+    /// After the stop signal, SIGKILL the worker's process group after this long. Also
+    /// how long the workers of a nogap that died (found at start) may drain.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = spec::parse_duration)]
     pub drain_timeout: Duration,
 
     /// Control socket for `nogap reload` and `nogap status`
@@ -102,24 +143,41 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
-    /// Check the configuration and exit without starting anything.
+    /// Check the configuration (and that its sockets can be bound) and exit
+    /// without starting anything.
     #[arg(long)]
     pub check: bool,
 
+    /// Serve Prometheus metrics (GET /metrics) and probes (GET /healthz: 200 while
+    /// healthy, 503 with the reason when UNHEALTHY; GET /readyz: 200 once a generation
+    /// serves) over HTTP on ADDR, e.g. 127.0.0.1:9464. Off by default.
+    #[arg(long, value_name = "ADDR", value_parser = spec::parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Read options from FILE (TOML): each key is the long name of an option
+    /// above, e.g. `workers = 4`, `listen = ["http=0.0.0.0:80"]`,
+    /// `env = { KEY = "v" }`, plus `command = ["/usr/bin/server", "--flag"]`.
+    /// Options given on the command line win over the file's. Every reload
+    /// reads the file again.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// How often nogap samples each TCP socket's accept queue.
-    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = config::parse_duration,
+    #[arg(long, value_name = "DUR", default_value = "100ms", value_parser = spec::parse_duration,
           help_heading = "Health")]
     pub health_interval: Duration,
 
-    /// A queue that stays non-empty while nobody accepts from it for this long is
-    /// stalled: a replacement worker starts, then the stalled one drains. 0 = off.
-    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = config::parse_duration,
+    /// A queue nobody accepts from is stalled after 150 ms when no worker is in a
+    /// request (a dead accept loop: a replacement starts on the same socket, then the
+    /// stalled worker drains), or after this long while a worker is busy in a request
+    /// (pinned, not dead: an extra worker starts and nobody is stopped). 0 = off.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = spec::parse_duration,
           help_heading = "Health")]
     pub stall_timeout: Duration,
 
     /// Workers must send WATCHDOG=1 at least this often (they get WATCHDOG_USEC);
     /// a silent worker is replaced. Off by default.
-    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, help_heading = "Health")]
+    #[arg(long, value_name = "DUR", value_parser = spec::parse_duration, help_heading = "Health")]
     pub worker_watchdog: Option<Duration>,
 
     /// Replace a worker whose open descriptors reach PCT% of its RLIMIT_NOFILE
@@ -159,18 +217,45 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
+/// Which running nogap a client command talks to.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The instance: nogap@NAME.service, whose control socket is
+    /// /run/nogap/NAME/control.sock. Without NAME (and without --control):
+    /// the one instance that runs.
+    #[arg(value_name = "NAME", value_parser = spec::parse_instance)]
+    pub name: Option<String>,
+
+    /// Control socket of the nogap to talk to.
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    pub control: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
     /// Wait until the new generation serves; exit 1 with the reason if it failed.
     #[arg(long)]
     pub wait: bool,
 
-    /// Control socket of the nogap to talk to.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: Target,
 
     /// Give up waiting after this long (exit 1).
-    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = config::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = spec::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Wait until the new binary runs; exit 1 with the reason if it was refused.
+    #[arg(long)]
+    pub wait: bool,
+
+    #[command(flatten)]
+    pub target: Target,
+
+    /// Give up waiting after this long (exit 1).
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = spec::parse_duration)]
     pub timeout: Duration,
 }
 
@@ -180,9 +265,8 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Control socket of the nogap to talk to.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: Target,
 }
 
 /// How workers get their sockets and what process they run as (see `launch`).
@@ -215,28 +299,28 @@ pub struct WorkerArgs {
     ///   nogap run -l 127.0.0.1:8000 --fds-as einhorn -- ./einhorn-worker
     ///   nogap run -l 127.0.0.1:8000 --fds-as server-starter --stop-signal QUIT \
     ///       -- starman --workers 8 app.psgi
-    #[arg(long, value_name = "MODE", value_delimiter = ',', value_parser = handoff::parse_handoff,
+    #[arg(long, value_name = "MODE", value_delimiter = ',', value_parser = spec::parse_handoff,
           help_heading = "Hand-off", verbatim_doc_comment)]
     pub fds_as: Vec<HandOff>,
 
     /// Run workers as USER (name or uid), with its primary group and its
     /// supplementary groups, and USER, LOGNAME, HOME set. nogap binds the
     /// sockets first, so a worker can serve a privileged port unprivileged.
-    #[arg(long, value_name = "USER", value_parser = launch::parse_user,
+    #[arg(long, value_name = "USER", value_parser = spec::parse_principal,
           help_heading = "Worker process")]
-    pub user: Option<UserSpec>,
+    pub user: Option<Principal>,
 
     /// Run workers with this primary group (name or gid) [default: USER's group].
-    #[arg(long, value_name = "GROUP", value_parser = launch::parse_group,
+    #[arg(long, value_name = "GROUP", value_parser = spec::parse_principal,
           help_heading = "Worker process")]
-    pub group: Option<GroupSpec>,
+    pub group: Option<Principal>,
 
     /// Working directory of the workers.
     #[arg(long, value_name = "DIR", help_heading = "Worker process")]
     pub chdir: Option<PathBuf>,
 
     /// Set a variable for the workers (repeatable); the value may use templates.
-    #[arg(long, value_name = "KEY=VALUE", value_parser = launch::parse_env,
+    #[arg(long, value_name = "KEY=VALUE", value_parser = spec::parse_env,
           help_heading = "Worker process")]
     pub env: Vec<(OsString, OsString)>,
 
@@ -252,9 +336,19 @@ pub struct WorkerArgs {
     pub nofile: Option<u64>,
 
     /// File mode creation mask of the workers, in octal (e.g. 027).
-    #[arg(long, value_name = "MODE", value_parser = launch::parse_umask,
+    #[arg(long, value_name = "MODE", value_parser = spec::parse_umask,
           help_heading = "Worker process")]
-    pub umask: Option<libc::mode_t>,
+    pub umask: Option<u32>,
+
+    /// Where workers' stdout and stderr go: 'capture' reads them line by line and
+    /// writes each with the worker's name: to the journal with WORKER, GENERATION
+    /// and WORKER_PID fields (and <N> priority prefixes honoured) when nogap's stderr
+    /// is the journal, else to nogap's stderr as '[gen 3 worker 1 pid 1234] line';
+    /// 'inherit' lets workers write to nogap's stdout and stderr; 'auto' captures
+    /// under journald and inherits otherwise.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = spec::parse_worker_output,
+          help_heading = "Worker process")]
+    pub worker_output: spec::WorkerOutput,
 
     /// The server daemonizes (forks and its first process exits 0): follow the
     /// process whose pid it writes to PATH, a direct or adopted child of nogap,

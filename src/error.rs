@@ -7,16 +7,18 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success: `run` stopped cleanly, a client command succeeded |
-//! | 1 | runtime failure; for `reload --wait`, the reload failed (old generation still serving) |
+//! | 1 | runtime failure; for `reload --wait`, the reload failed (old generation still serving); for `upgrade --wait`, the new binary was refused (the old image runs on) |
 //! | 2 | usage: unknown option, bad value (address, duration, signal, mode), missing command |
 //! | 3 | sockets: cannot bind, port in use, inherited fds that are not usable sockets |
 //! | 4 | command not found or not executable |
 //! | 5 | control: cannot reach nogap's control socket, or it refused the request |
+//! | 6 | no worker could start: the first generation hit the start limit (`--start-limit`) |
+//! | 7 | unsafe: a runtime directory nogap must own belongs to someone else, is a symlink, or lets others in |
 
 use std::io;
 use std::process::ExitCode;
 
-/// Exit codes, as documented in the table above and in `docs/nogap.1.md`.
+/// Exit codes, as documented in the table above and in nogap(1) (EXIT STATUS).
 pub mod exit {
     pub const OK: u8 = 0;
     pub const FAILURE: u8 = 1;
@@ -24,6 +26,8 @@ pub mod exit {
     pub const SOCKETS: u8 = 3;
     pub const COMMAND: u8 = 4;
     pub const CONTROL: u8 = 5;
+    pub const NO_WORKER: u8 = 6;
+    pub const UNSAFE: u8 = 7;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,21 @@ pub enum Error {
     #[error("reload failed: {0}")]
     ReloadFailed(String),
 
+    /// The first generation hit the start limit: the message says why
+    /// its workers failed.
+    #[error("no worker could start: {0}")]
+    NoWorker(String),
+
+    /// A self-upgrade asked for with `--wait` was refused or failed; the old
+    /// image runs on.
+    #[error("upgrade refused: {0}")]
+    UpgradeFailed(String),
+
+    /// A path nogap must own is not safe to use (someone else's, a
+    /// symlink, open to others).
+    #[error("{0}")]
+    Unsafe(String),
+
     /// A system call nogap needs failed.
     #[error("{what}: {source}")]
     System { what: String, source: io::Error },
@@ -71,7 +90,11 @@ impl Error {
             Error::Bind { .. } | Error::Inherited(_) => exit::SOCKETS,
             Error::Command(_) => exit::COMMAND,
             Error::Control(_) => exit::CONTROL,
-            Error::ReloadFailed(_) | Error::System { .. } => exit::FAILURE,
+            Error::NoWorker(_) => exit::NO_WORKER,
+            Error::Unsafe(_) => exit::UNSAFE,
+            Error::ReloadFailed(_) | Error::UpgradeFailed(_) | Error::System { .. } => {
+                exit::FAILURE
+            }
         }
     }
 }

@@ -5,9 +5,11 @@
 //! allocation, no locks, no logging), then execve. That is what lets the
 //! worker's `LISTEN_PID` be its own pid, which std's `Command` cannot do.
 
+#![allow(unsafe_code)]
+
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -44,6 +46,8 @@ pub struct ProcessSettings {
     pub nofile: Option<u64>,
     /// Leave LISTEN_PID out of the environment even though there are fds.
     pub no_listen_pid: bool,
+    /// The parent-death signal (`PR_SET_PDEATHSIG`); None: SIGKILL.
+    pub death_signal: Option<c_int>,
 }
 
 /// Everything a fork+exec needs, allocated before the fork.
@@ -63,6 +67,8 @@ pub struct ExecPlan {
     chdir: Option<CString>,
     settings: ProcessSettings,
     nofile: libc::rlimit,
+    /// The worker's stdout and stderr, when captured (see [`ExecPlan::output_to`]).
+    output: Option<RawFd>,
 }
 
 impl ExecPlan {
@@ -127,7 +133,14 @@ impl ExecPlan {
             chdir,
             settings,
             nofile,
+            output: None,
         })
+    }
+
+    /// Give the child `fd` (the write end of a pipe, open in the parent
+    /// until `spawn` returns) as its stdout and stderr.
+    pub fn output_to(&mut self, fd: BorrowedFd<'_>) {
+        self.output = Some(fd.as_raw_fd());
     }
 
     /// Fork and exec. Returns the child's pid once it has exec'd, or the
@@ -269,13 +282,24 @@ impl ExecPlan {
                 fail(err_fd, STEP_CHDIR);
             }
         }
-        // Die with nogap, even if it is SIGKILLed. The signal fires when the
-        // forking *thread* exits: nogap forks from its main thread only.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // Told when nogap dies, even if it is SIGKILLed: nogap passes the
+        // stop signal, so that the worker drains rather than cutting its
+        // requests (the next nogap stops what is left, see
+        // `worker::leftover`). The signal fires when the forking *thread*
+        // exits: nogap forks from its main thread only.
+        let death = self.settings.death_signal.unwrap_or(libc::SIGKILL);
+        libc::prctl(libc::PR_SET_PDEATHSIG, death);
         if libc::getppid() != parent {
             libc::_exit(1);
         }
 
+        // Captured output to 1 and 2 first: the pipe's fd may lie in the
+        // range the sockets take next (its own copy is close-on-exec).
+        if let Some(out) = self.output {
+            if libc::dup2(out, 1) < 0 || libc::dup2(out, 2) < 0 {
+                fail(err_fd, STEP_FDS);
+            }
+        }
         // Sockets to 3, 4, ...: first copy them above the target range so no
         // source is overwritten, then dup2 into place (dup2 clears CLOEXEC).
         for i in 0..self.fds.len() {
@@ -401,6 +425,67 @@ pub fn steer_reuseport(fd: BorrowedFd<'_>, index: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Attach `code`, a classic BPF program built by `sockets::steer`, to the
+/// `SO_REUSEPORT` group of `fd`: it returns the index of the socket in the
+/// group that gets each new connection (see [`steer_reuseport`]). The kernel
+/// checks the program and copies it.
+pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, code: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(code.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?;
+    let prog = libc::sock_fprog {
+        len,
+        filter: code.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` and the code it points to outlive the call; the kernel
+    // only reads the program (the pointer is `*mut` by the C declaration)
+    // and copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Take ownership of `raw`, one of the `LISTEN_FDS` descriptors (3..3+n)
+/// that systemd's protocol hands to this process, and make it close-on-exec
+/// before anything else: nothing of nogap's crosses exec except what the
+/// hand-off plan puts at 3, 4, ... Fails, owning nothing, when `raw` is not
+/// an open descriptor.
+pub fn own_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        raw,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    // SAFETY: `raw` is open (F_SETFD succeeded) and, by the sd_listen_fds
+    // protocol, owned by this process; `take_inherited` calls this once per
+    // descriptor, at start-up, and nothing else in nogap refers to it by
+    // number, so the OwnedFd is its only owner and closes it exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Take ownership of `raw`, a descriptor the previous image of this process
+/// carried across a self-upgrade's `execve` and named in its state, and make
+/// it close-on-exec again. Fails, owning nothing, when `raw` is not open.
+pub fn own_carried_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        raw,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    // SAFETY: `raw` is open (F_SETFD succeeded). The previous image kept it
+    // open across execve for this image alone and named it once in the
+    // carried state, which `upgrade` reads once at start-up; nothing else
+    // refers to it by number, so the OwnedFd is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Make nogap the reaper of its workers' orphans (double-forking servers).

@@ -43,7 +43,8 @@ once (never shutdown(): the sockets are shared), finishes requests in flight, \
 answers the next request on each keep-alive connection with 'Connection: close', \
 closes connections that send nothing within 1s of the drain start, and exits 0 \
 once every connection is closed (plus --drain-delay). Further signals while \
-draining are ignored.
+draining are ignored. On SIGUSR1 it says 'SIGUSR1: reopening logs' on stderr \
+and goes on; SIGHUP is reported and ignored the same way.
 
 All '--*-after' durations count from process start. Durations are humantime: \
 500ms, 2s, 1m30s.";
@@ -155,9 +156,38 @@ pub struct Knobs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub stop_watchdog_after: Option<Duration>,
 
+    /// Answer every HTTP request with this status code instead of 200 (e.g. 500: a
+    /// bad deploy that starts and says READY=1). The --health port still says 200.
+    #[arg(long, value_name = "CODE", default_value = "200",
+          value_parser = clap::value_parser!(u16).range(100..=599))]
+    pub status: u16,
+
+    /// Answer 200 until DUR after start, and the --status code from then on (a
+    /// deploy that passes its first checks, then breaks).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub status_after: Option<Duration>,
+
     /// Sleep DUR in each request before answering.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
     pub work: Duration,
+
+    /// Sleep --work only in requests on the listener named NAME
+    /// (LISTEN_FDNAMES; a --listen socket is named as in the log,
+    /// tcp:HOST:PORT; a --fd one fdN). Repeatable; without it, on every listener.
+    #[arg(long, value_name = "NAME")]
+    pub work_on: Vec<String>,
+
+    /// Misbehave at --abuse-after: shutdown (shutdown(SHUT_RDWR) the inherited
+    /// sockets), backlog1 (listen(fd, 1) on them), blocking (clear their
+    /// O_NONBLOCK), flood-stdout, flood-notify (garbage datagrams), notify-fds
+    /// (READY=1 datagrams carrying 16 fds), fork-exit (a child keeps the
+    /// sockets, the worker exits 3).
+    #[arg(long, value_name = "KIND")]
+    pub abuse: Option<crate::abuse::Abuse>,
+
+    /// When --abuse acts, from start.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]
+    pub abuse_after: Duration,
 
     /// Once every connection is drained, stay alive DUR longer before exiting.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s")]

@@ -31,8 +31,14 @@ const MAX_HEAD: usize = 16 * 1024;
 pub struct Responder {
     /// Response body, the same for every request.
     pub body: String,
-    /// Time spent on each request before answering (`--work`).
+    /// Time spent on each request before answering (`--work`) ...
     pub work: Duration,
+    /// ... on these listeners only (`--work-on`); empty: on every one.
+    pub work_on: Vec<String>,
+    /// The status line's code and reason (`--status`), `200 OK` by default.
+    pub status: String,
+    /// `--status-after`: `200 OK` until then, `status` from then on.
+    pub status_from: Option<std::time::Instant>,
 }
 
 /// The parts of a request that matter to the connection.
@@ -50,11 +56,22 @@ enum Body {
     Unframed,
 }
 
-/// Serves one connection until it closes; `answered` is called after each
-/// `200 OK` is written.
+impl Responder {
+    /// How long a request on the listener `name` takes (`--work`, `--work-on`).
+    pub fn work_on(&self, name: &str) -> Duration {
+        match self.work_on.is_empty() || self.work_on.iter().any(|n| n == name) {
+            true => self.work,
+            false => Duration::ZERO,
+        }
+    }
+}
+
+/// Serves one connection until it closes, spending `work` on each request;
+/// `answered` is called after each `200 OK` is written.
 pub async fn serve<S>(
     stream: S,
     responder: &Responder,
+    work: Duration,
     phase: PhaseWatch,
     mut answered: impl FnMut(),
 ) -> io::Result<()>
@@ -66,7 +83,7 @@ where
         buf: Vec::with_capacity(1024),
         phase,
     };
-    let result = conn.serve(responder, &mut answered).await;
+    let result = conn.serve(responder, work, &mut answered).await;
     conn.linger_close().await;
     result
 }
@@ -82,6 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn serve(
         &mut self,
         responder: &Responder,
+        work: Duration,
         answered: &mut impl FnMut(),
     ) -> io::Result<()> {
         loop {
@@ -98,8 +116,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Ok(());
                 }
             }
-            if !responder.work.is_zero() {
-                sleep(responder.work).await;
+            if !work.is_zero() {
+                sleep(work).await;
             }
             let close = !request.keep_alive
                 || request.body == Body::Unframed
@@ -239,7 +257,11 @@ fn ok(responder: &Responder, head_only: bool, close: bool) -> Vec<u8> {
     } else {
         responder.body.as_str()
     };
-    response("200 OK", responder.body.len(), body, close)
+    let status = match responder.status_from {
+        Some(t) if std::time::Instant::now() < t => "200 OK",
+        _ => responder.status.as_str(),
+    };
+    response(status, responder.body.len(), body, close)
 }
 
 fn bad_request(reason: &str) -> Vec<u8> {
@@ -321,6 +343,9 @@ mod tests {
         let responder = Responder {
             body: "hi\n".to_owned(),
             work: Duration::ZERO,
+            work_on: Vec::new(),
+            status: "200 OK".into(),
+            status_from: None,
         };
         let (mut reader, mut writer) = tokio::io::split(client);
         writer
@@ -329,9 +354,13 @@ mod tests {
             .unwrap();
         writer.shutdown().await.unwrap();
         let mut count = 0;
-        serve(server, &responder, PhaseWatch::always_serving(), || {
-            count += 1
-        })
+        serve(
+            server,
+            &responder,
+            Duration::ZERO,
+            PhaseWatch::always_serving(),
+            || count += 1,
+        )
         .await
         .unwrap();
         let mut out = String::new();

@@ -119,6 +119,25 @@ enum Stream {
 }
 
 impl Listener {
+    /// The same socket on a new descriptor, registered afresh with the
+    /// reactor. After another process shut the socket down (EINVAL from
+    /// accept), the old registration may report the hang-up for ever, and
+    /// accept would spin; once the socket listens again (its supervisor
+    /// makes it), the fresh one works.
+    fn fresh(&self) -> io::Result<Listener> {
+        use std::os::fd::AsFd;
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let fd = l.as_fd().try_clone_to_owned()?;
+                Listener::Tcp(TcpListener::from_std(fd.into())?)
+            }
+            Listener::Unix(l) => {
+                let fd = l.as_fd().try_clone_to_owned()?;
+                Listener::Unix(UnixListener::from_std(fd.into())?)
+            }
+        })
+    }
+
     async fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(l) => {
@@ -163,6 +182,12 @@ impl AcceptLoop {
                             () = self.phase.changed() => {}
                             () = sleep(delay) => {}
                         }
+                        if e.raw_os_error() == Some(libc::EINVAL) {
+                            match self.listener.fresh() {
+                                Ok(l) => self.listener = l,
+                                Err(e) => say!("cannot register {:?} again: {e}", self.name),
+                            }
+                        }
                     }
                 },
             }
@@ -173,14 +198,15 @@ impl AcceptLoop {
         let service = Arc::clone(&self.service);
         let phase = self.phase.clone();
         let tracker = self.tracker.clone();
+        let work = service.responder.work_on(&self.name);
         tokio::spawn(async move {
             let _tracker = tracker;
             let responder = &service.responder;
             let answered = || service.answered();
             // Errors here are the client's business (reset, gone away).
             let _ = match stream {
-                Stream::Tcp(s) => http::serve(s, responder, phase, answered).await,
-                Stream::Unix(s) => http::serve(s, responder, phase, answered).await,
+                Stream::Tcp(s) => http::serve(s, responder, work, phase, answered).await,
+                Stream::Unix(s) => http::serve(s, responder, work, phase, answered).await,
             };
         });
     }

@@ -28,10 +28,16 @@ use clap::Parser;
 /// One lifecycle line on stderr: `nogap-demo[<pid>]: <message>`.
 macro_rules! say {
     ($($arg:tt)*) => {
-        eprintln!("nogap-demo[{}]: {}", std::process::id(), format_args!($($arg)*))
+        {
+            // One write: stderr is unbuffered, and a line written in pieces
+            // interleaves with nogap's own lines on a shared pipe.
+            let line = format!("nogap-demo[{}]: {}\n", std::process::id(), format_args!($($arg)*));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        }
     };
 }
 
+mod abuse;
 mod cli;
 mod http;
 mod listeners;
@@ -70,6 +76,14 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// How many sockets LISTEN_FDS passed (read before they were taken).
+fn inherited_count() -> i32 {
+    std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Snapshot, take the sockets, then hand over to the async server.
 fn run(args: cli::Args, started: Instant) -> Result<Exit, String> {
     // The report must see the inherited fds exactly as they were passed, so
@@ -90,6 +104,10 @@ fn run(args: cli::Args, started: Instant) -> Result<Exit, String> {
     }
     for socket in &sockets {
         say!("listening on {socket}");
+    }
+    if let Some(kind) = args.knobs.abuse {
+        let fds = (0..inherited_count()).map(|i| 3 + i).collect();
+        abuse::schedule(kind, args.knobs.abuse_after, started, fds);
     }
     let health = match args.knobs.health {
         Some(addr) => {

@@ -75,6 +75,11 @@ enum Stage {
 #[derive(Debug)]
 enum Event {
     Stop(&'static str),
+    /// SIGUSR1: what servers use to reopen their log files.
+    ReopenLogs,
+    /// SIGHUP: reported, never fatal (also what the kernel sends a stopped
+    /// process whose process group is orphaned, with SIGCONT).
+    Hangup,
     StartDelayOver,
     Crash(&'static str),
     StallAccept,
@@ -102,6 +107,9 @@ struct Server {
     phase: watch::Sender<Phase>,
     service: Arc<Service>,
     signals: Signals,
+    /// SIGUSR1 (log reopen) and SIGHUP: reported, never fatal.
+    usr1: Signal,
+    hup: Signal,
     timers: Timers,
     /// Receives nothing; yields `None` once every `Tracker` is dropped.
     connections_done: mpsc::Receiver<()>,
@@ -125,6 +133,9 @@ impl Server {
             Responder {
                 body,
                 work: knobs.work,
+                work_on: knobs.work_on.clone(),
+                status: status_line(knobs.status),
+                status_from: after(knobs.status_after),
             },
             knobs.crash_after_requests,
         ));
@@ -132,6 +143,9 @@ impl Server {
             let ok = Responder {
                 body: "ok\n".to_owned(),
                 work: std::time::Duration::ZERO,
+                work_on: Vec::new(),
+                status: "200 OK".into(),
+                status_from: None,
             };
             listeners::spawn_health(health, Arc::new(Service::new(ok, None)))?;
         }
@@ -153,6 +167,8 @@ impl Server {
             },
             phase: watch::Sender::new(Phase::Serving),
             signals: Signals::new(knobs.ignore_term)?,
+            usr1: signal(SignalKind::user_defined1())?,
+            hup: signal(SignalKind::hangup())?,
             knobs,
             notifier,
             service,
@@ -181,6 +197,8 @@ impl Server {
         let t = &self.timers;
         tokio::select! {
             signal = self.signals.recv() => Event::Stop(signal),
+            Some(()) = self.usr1.recv() => Event::ReopenLogs,
+            Some(()) = self.hup.recv() => Event::Hangup,
             () = at(ready_at) => Event::StartDelayOver,
             () = at(t.crash) => Event::Crash("--crash-after"),
             () = self.service.crash.notified() => Event::Crash("--crash-after-requests"),
@@ -197,6 +215,8 @@ impl Server {
     fn handle(&mut self, event: Event) -> Option<Exit> {
         match event {
             Event::Stop(signal) => self.drain(signal),
+            Event::ReopenLogs => say!("SIGUSR1: reopening logs (nothing to reopen)"),
+            Event::Hangup => say!("SIGHUP: ignored (nothing to reload)"),
             Event::StartDelayOver => return self.start_serving(),
             Event::Crash(knob) => {
                 say!("crashing ({knob})");
@@ -369,4 +389,17 @@ impl Signals {
             else => std::future::pending().await,
         }
     }
+}
+
+/// `--status CODE` as a status line's code and reason.
+fn status_line(code: u16) -> String {
+    let reason = match code {
+        200 => "OK",
+        204 => "No Content",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    format!("{code} {reason}")
 }

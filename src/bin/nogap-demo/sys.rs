@@ -2,6 +2,8 @@
 //! borrowing fds for the report, ignoring signals, and recording the SIGPIPE
 //! disposition inherited at exec.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,4 +71,67 @@ pub fn with_borrowed_fd<R>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> R) -> R 
     // report is taken on the only thread, before any fd is taken over.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     f(borrowed)
+}
+
+/// One hostile act on an inherited socket `fd` (see `abuse`).
+pub fn abuse_fd(fd: RawFd, abuse: crate::abuse::Abuse) -> io::Result<()> {
+    use crate::abuse::Abuse;
+    // SAFETY: plain system calls on an integer fd; a bad fd fails with EBADF.
+    let rc = unsafe {
+        match abuse {
+            Abuse::Shutdown => libc::shutdown(fd, libc::SHUT_RDWR),
+            Abuse::Backlog1 => libc::listen(fd, 1),
+            Abuse::Blocking => {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                if flags < 0 {
+                    flags
+                } else {
+                    libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK)
+                }
+            }
+            _ => 0,
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Send `data` to `addr` with `fds` attached (SCM_RIGHTS).
+pub fn send_with_fds(
+    sock: &std::os::unix::net::UnixDatagram,
+    addr: &nix::sys::socket::UnixAddr,
+    data: &[u8],
+    fds: &[RawFd],
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let iov = [io::IoSlice::new(data)];
+    let cmsgs: Vec<ControlMessage> = match fds.is_empty() {
+        true => Vec::new(),
+        false => vec![ControlMessage::ScmRights(fds)],
+    };
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &cmsgs,
+        MsgFlags::empty(),
+        Some(addr),
+    )?;
+    Ok(())
+}
+
+/// Fork: the child sleeps for an hour holding every fd; the parent returns.
+pub fn fork_and_linger() -> io::Result<()> {
+    // SAFETY: the child only calls async-signal-safe functions (sleep,
+    // _exit) before it ends.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => unsafe {
+            libc::sleep(3600);
+            libc::_exit(0)
+        },
+        _ => Ok(()),
+    }
 }

@@ -12,15 +12,17 @@
 //!
 //! Each worker has its own socket, so an ACK counts for the worker whose
 //! socket it came on, whatever `pid` it names: a worker's child (a wrapper,
-//! a preforking server) may ACK for it. An ACK without an integer `pid` is
+//! a preforking server) may ACK for it. Who connected is what counts
+//! (`SO_PEERCRED`, forwarded as the [`Sender`]): the policy takes the ACK
+//! only from the worker or a process of its process group. An ACK without an integer `pid` is
 //! rejected, as einhorn rejects it. An ACK is forwarded as
 //! [`Message::Ready`], the same as `READY=1` on the worker's notify socket;
 //! a malformed request is forwarded as an error (logged, then ignored).
 
+use crate::spec::truncate;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -28,7 +30,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::notify::Message;
+use super::notify::{Delivery, Message, Sender};
 
 /// One request a worker sent.
 #[derive(Clone, Debug, PartialEq)]
@@ -168,13 +170,6 @@ fn scalar(s: &str) -> Result<Value, String> {
     })
 }
 
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(80) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
 /// The longest line read; a longer one closes the connection.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -194,23 +189,26 @@ impl EinhornSocket {
     pub fn bind<K: Copy + Send + fmt::Display + 'static>(
         path: PathBuf,
         key: K,
-        tx: mpsc::Sender<(K, Result<Vec<Message>, String>)>,
+        tx: mpsc::Sender<Delivery<K>>,
     ) -> io::Result<EinhornSocket> {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         let acceptor = tokio::spawn(async move {
             // Dropped with this task: aborts the connections.
             let mut conns = JoinSet::new();
+            let mut backoff = super::notify::Backoff::default();
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) if conns.len() < MAX_CONNECTIONS => {
+                            backoff.reset();
                             conns.spawn(serve(stream, key, tx.clone()));
                         }
                         Ok(_) => tracing::debug!(worker_id = %key, "too many einhorn connections: one closed"),
                         Err(e) => {
                             tracing::warn!(worker_id = %key, error = %e, "einhorn command socket: accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            backoff.wait().await;
+                            continue;
                         }
                     },
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -233,11 +231,13 @@ impl Drop for EinhornSocket {
 }
 
 /// Read one connection's lines until EOF, an ACK or an over-long line.
-async fn serve<K: Copy + fmt::Display>(
-    stream: UnixStream,
-    key: K,
-    tx: mpsc::Sender<(K, Result<Vec<Message>, String>)>,
-) {
+async fn serve<K: Copy + fmt::Display>(stream: UnixStream, key: K, tx: mpsc::Sender<Delivery<K>>) {
+    // Who connected, as the kernel says (SO_PEERCRED at connect time).
+    let sender = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .map(Sender::of);
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut line = Vec::new();
@@ -251,7 +251,7 @@ async fn serve<K: Copy + fmt::Display>(
         if line.last() != Some(&b'\n') {
             if line.len() > MAX_LINE {
                 let error = format!("einhorn command socket: line longer than {MAX_LINE} bytes");
-                let _ = tx.send((key, Err(error))).await;
+                let _ = tx.send((key, sender, Err(error))).await;
             } else {
                 tracing::debug!(worker_id = %key, "einhorn connection closed in a line");
             }
@@ -262,7 +262,7 @@ async fn serve<K: Copy + fmt::Display>(
             Ok(Request::Ack { pid }) => {
                 tracing::debug!(worker_id = %key, pid, "einhorn worker:ack");
                 // einhorn closes the connection after an ACK, too.
-                let _ = tx.send((key, Ok(vec![Message::Ready]))).await;
+                let _ = tx.send((key, sender, Ok(vec![Message::Ready]))).await;
                 return;
             }
             Ok(Request::Other { command, id }) => {
@@ -274,7 +274,7 @@ async fn serve<K: Copy + fmt::Display>(
             }
             Err(e) => {
                 let error = format!("einhorn command socket: {e}");
-                if tx.send((key, Err(error))).await.is_err() {
+                if tx.send((key, sender, Err(error))).await.is_err() {
                     return;
                 }
             }
@@ -380,8 +380,10 @@ mod tests {
         c.write_all(b"garbage\n---%0Acommand: ehlo%0A\n")
             .await
             .unwrap();
-        let (k, r) = rx.recv().await.unwrap();
+        let (k, sender, r) = rx.recv().await.unwrap();
         assert_eq!(k, 7);
+        // The kernel names the peer: this process.
+        assert_eq!(sender.map(|s| s.pid), Some(std::process::id() as i32));
         assert!(r.unwrap_err().contains("garbage"));
         let mut answer = String::new();
         BufReader::new(&mut c).read_line(&mut answer).await.unwrap();
@@ -389,13 +391,14 @@ mod tests {
         c.write_all(b"{\"command\":\"worker:ack\",\"pid\":1}\n")
             .await
             .unwrap();
-        assert_eq!(rx.recv().await.unwrap(), (7, Ok(vec![Message::Ready])));
+        let (_, _, r) = rx.recv().await.unwrap();
+        assert_eq!(r, Ok(vec![Message::Ready]));
         // einhorn closes the connection after an ACK.
         assert_eq!(c.read(&mut [0u8; 16]).await.unwrap(), 0);
 
         let mut long = UnixStream::connect(sock.path()).await.unwrap();
         let _ = long.write_all(&vec![b'x'; MAX_LINE + 10]).await;
-        assert!(rx.recv().await.unwrap().1.unwrap_err().contains("longer"));
+        assert!(rx.recv().await.unwrap().2.unwrap_err().contains("longer"));
 
         let path = sock.path().to_path_buf();
         drop(sock);

@@ -62,6 +62,7 @@ const INET_DIAG_REQ_V2_LEN: usize = 56;
 const INET_DIAG_MSG_LEN: usize = 72;
 const INET_DIAG_NOCOOKIE: u32 = !0;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_BC_JMP: u8 = 1;
 const INET_DIAG_BC_S_EQ: u8 = 11;
 const TCP_ESTABLISHED: u8 = 1;
@@ -129,6 +130,50 @@ pub fn queued_each(locals: &[SocketAddr]) -> io::Result<Vec<Vec<u64>>> {
     }
     Ok(out)
 }
+
+/// Whether a worker is in the middle of a request on `local`'s port: an
+/// accepted connection (it has a file) that received data at least
+/// [`IN_REQUEST_FOR`] ago and sent none yet, or none since
+/// (`tcpi_last_data_recv` < `tcpi_last_data_sent`, in ms; a request that
+/// arrives within the millisecond of the previous answer is missed).
+/// A busy server (a serial worker at work, a thread per connection with
+/// every thread in a request) has one nearly all the time; a worker whose
+/// accept loop died while it answers its keep-alive clients at once has
+/// none: its answers take far less than [`IN_REQUEST_FOR`]. One dump with
+/// `tcp_info` (`INET_DIAG_INFO`) per call: only called while a queue is
+/// suspect.
+pub fn in_request(local: SocketAddr) -> io::Result<bool> {
+    let diag = Diag::open()?;
+    let mut busy = false;
+    let family = family_of(local);
+    diag.dump_with_info(
+        family,
+        &[local.port()],
+        QUEUED_STATES,
+        1,
+        true,
+        |e, info| {
+            let ip = local.ip();
+            let mine = e.local_port == local.port() && (ip.is_unspecified() || ip == e.local);
+            if mine && !e.is_queued() {
+                if let Some(i) = info {
+                    busy |= i.received > 0
+                        && (i.sent == 0 || i.last_recv < i.last_sent)
+                        && i.last_recv >= IN_REQUEST_FOR;
+                }
+            }
+        },
+    )?;
+    Ok(busy)
+}
+
+/// How long (ms) a request must have waited for its answer to count in
+/// [`in_request`]: longer than a keep-alive answer takes, which a worker
+/// whose accept loop died still gives at once (seen in CI: a stalled
+/// worker's keep-alive traffic made it look pinned), shorter than
+/// the 100 ms without one after which the monitor calls a queue stalled at
+/// the first sign (`monitor::IDLE_FOR`), so a long request is seen first.
+pub const IN_REQUEST_FOR: u32 = 50;
 
 /// How many TCP sockets listen on exactly `local` (same family, address and
 /// port): more than one means they share a `SO_REUSEPORT` group.
@@ -230,7 +275,25 @@ impl Diag {
         seq: u32,
         mut each: impl FnMut(Entry),
     ) -> io::Result<()> {
-        let req = request(family, ports, states, seq)?;
+        self.dump_with_info(family, ports, states, seq, false, |e, _| each(e))
+    }
+
+    /// [`Diag::dump`]; with `info`, each socket's `tcpi_last_data_recv` and
+    /// `tcpi_last_data_sent` (ms) too, when it has a `tcp_info`.
+    fn dump_with_info(
+        &self,
+        family: u8,
+        ports: &[u16],
+        states: u32,
+        seq: u32,
+        info: bool,
+        mut each: impl FnMut(Entry, Option<Activity>),
+    ) -> io::Result<()> {
+        let mut req = request(family, ports, states, seq)?;
+        if info {
+            // idiag_ext: ask for INET_DIAG_INFO (bit INET_DIAG_INFO - 1).
+            req[NLMSG_HDRLEN + 2] = 1 << (INET_DIAG_INFO - 1);
+        }
         let to = NetlinkAddr::new(0, 0);
         // A socket with a receive timeout is not restarted after a signal
         // handler even with SA_RESTART, so EINTR is retried here.
@@ -332,8 +395,26 @@ fn any_local_port(ports: &[u16]) -> Vec<u8> {
     b
 }
 
+/// One socket of a dump reply: its local address, TCP state and cookie.
+pub type Listed = (SocketAddr, u8, u64);
+
+/// Parse one datagram of a dump reply of request `seq`: true once the dump
+/// is done, and each socket's local address, state and cookie. Pure: what
+/// the sock_diag fuzz target drives.
+pub fn parse_reply(buf: &[u8], seq: u32) -> io::Result<(bool, Vec<Listed>)> {
+    let mut out = Vec::new();
+    let done = parse(buf, seq, &mut |e: Entry, _| {
+        out.push((SocketAddr::new(e.local, e.local_port), e.state, e.cookie))
+    })?;
+    Ok((done, out))
+}
+
 /// Parse one datagram of a dump reply; true once the dump is done.
-fn parse(mut buf: &[u8], seq: u32, each: &mut impl FnMut(Entry)) -> io::Result<bool> {
+fn parse(
+    mut buf: &[u8],
+    seq: u32,
+    each: &mut impl FnMut(Entry, Option<Activity>),
+) -> io::Result<bool> {
     while buf.len() >= NLMSG_HDRLEN {
         let len = u32_at(buf, 0) as usize;
         if len < NLMSG_HDRLEN || len > buf.len() {
@@ -360,7 +441,7 @@ fn parse(mut buf: &[u8], seq: u32, each: &mut impl FnMut(Entry)) -> io::Result<b
                         return Err(io::Error::from_raw_os_error(-e));
                     }
                 }
-                SOCK_DIAG_BY_FAMILY => each(entry(payload)?),
+                SOCK_DIAG_BY_FAMILY => each(entry(payload)?, last_data(payload)),
                 _ => {}
             }
         }
@@ -391,6 +472,50 @@ fn entry(m: &[u8]) -> io::Result<Entry> {
         // sock_diag_save_cookie: low half first, each in host order.
         cookie: u64::from(u32_at(m, 44)) | u64::from(u32_at(m, 48)) << 32,
     })
+}
+
+/// What a connection's `tcp_info` says of its traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Activity {
+    /// Bytes received and sent (`tcpi_bytes_received`, `tcpi_bytes_sent`).
+    received: u64,
+    sent: u64,
+    /// Milliseconds since data was last received and sent.
+    last_recv: u32,
+    last_sent: u32,
+}
+
+/// The `INET_DIAG_INFO` attribute after an `inet_diag_msg`, if present.
+fn last_data(m: &[u8]) -> Option<Activity> {
+    let mut attrs = m.get(INET_DIAG_MSG_LEN..)?;
+    // nlattr: len u16, type u16, then the payload, 4-byte aligned.
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == INET_DIAG_INFO {
+            let info = &attrs[4..len];
+            use std::mem::offset_of;
+            let u64_at = |at: usize| {
+                let b = info.get(at..at + 8)?;
+                Some(u64::from_ne_bytes(b.try_into().ok()?))
+            };
+            let u32_at = |at: usize| {
+                let b = info.get(at..at + 4)?;
+                Some(u32::from_ne_bytes(b.try_into().ok()?))
+            };
+            return Some(Activity {
+                received: u64_at(offset_of!(libc::tcp_info, tcpi_bytes_received))?,
+                sent: u64_at(offset_of!(libc::tcp_info, tcpi_bytes_sent))?,
+                last_recv: u32_at(offset_of!(libc::tcp_info, tcpi_last_data_recv))?,
+                last_sent: u32_at(offset_of!(libc::tcp_info, tcpi_last_data_sent))?,
+            });
+        }
+        attrs = attrs.get((len + 3) & !3..).unwrap_or(&[]);
+    }
+    None
 }
 
 fn retry<T>(mut f: impl FnMut() -> nix::Result<T>) -> io::Result<T> {
@@ -711,6 +836,33 @@ mod tests {
             assert!(queued_each(&addrs).unwrap().iter().all(|q| q.len() == 10));
         });
         println!("16 listeners x 10 queued, queued_each(): mean {mean:.1} us, p99 {p99:.1} us");
+    }
+
+    /// An accepted connection with an unanswered request makes the port
+    /// busy; answered, or still queued, it does not.
+    #[test]
+    fn a_worker_in_a_request_is_seen() {
+        use std::io::{Read, Write};
+        let (l, addr) = listen("127.0.0.1:0", 8);
+        let mut queued = std::net::TcpStream::connect(addr).unwrap();
+        queued.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        wait_queued(addr, 1);
+        assert!(
+            !in_request(addr).unwrap(),
+            "a queued request is not a worker's"
+        );
+        let (server, _) = l.accept().unwrap();
+        let mut server = std::net::TcpStream::from(server);
+        let mut buf = [0u8; 64];
+        let _ = server.read(&mut buf).unwrap();
+        wait_for("the accepted request seen", || {
+            in_request(addr).unwrap().then_some(())
+        });
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        let _ = queued.read(&mut buf).unwrap();
+        wait_for("the answer seen", || {
+            (!in_request(addr).unwrap()).then_some(())
+        });
     }
 
     #[test]

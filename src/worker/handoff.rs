@@ -22,68 +22,10 @@
 //! worker and is pure, so both are unit-tested here.
 
 use std::ffi::{OsStr, OsString};
-use std::fmt;
-use std::net::SocketAddr;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::PathBuf;
 
-/// A socket-passing convention besides systemd's, chosen with `--fds-as`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HandOff {
-    /// `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES` only (always set anyway).
-    Systemd,
-    /// `EINHORN_FD_COUNT`, `EINHORN_FD_<i>`, `EINHORN_FDS`,
-    /// `EINHORN_MASTER_PID`, `EINHORN_CHILD_INDEX`.
-    Einhorn,
-    /// `SERVER_STARTER_PORT` (`host:port=fd;path=fd`) and
-    /// `SERVER_STARTER_GENERATION`, as Server::Starter sets them.
-    ServerStarter,
-    /// `NGINX=fd;fd;`, the variable nginx reads on binary upgrade.
-    Nginx,
-}
-
-impl HandOff {
-    pub const ALL: [HandOff; 4] = [
-        HandOff::Systemd,
-        HandOff::Einhorn,
-        HandOff::ServerStarter,
-        HandOff::Nginx,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            HandOff::Systemd => "systemd",
-            HandOff::Einhorn => "einhorn",
-            HandOff::ServerStarter => "server-starter",
-            HandOff::Nginx => "nginx",
-        }
-    }
-}
-
-impl fmt::Display for HandOff {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// `--fds-as` value parser: `systemd`, `einhorn`, `server-starter` or `nginx`.
-pub fn parse_handoff(s: &str) -> Result<HandOff, String> {
-    HandOff::ALL
-        .into_iter()
-        .find(|h| h.name() == s)
-        .ok_or_else(|| "expected systemd, einhorn, server-starter or nginx".to_string())
-}
-
-/// Where a socket is bound, as far as the hand-off forms care.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Tcp(SocketAddr),
-    Udp(SocketAddr),
-    /// A unix socket with a path in the file system.
-    UnixPath(PathBuf),
-    /// A unix socket without a path: abstract (`@name`) or unnamed.
-    UnixOther,
-}
+use crate::spec::template::{scan, Token};
+use crate::spec::{Endpoint, HandOff};
 
 /// One socket as the worker sees it: its fd is `3 + index`.
 #[derive(Clone, Debug)]
@@ -93,34 +35,10 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// A socket nogap holds.
-    pub fn of_listener(l: &crate::sockets::Listener) -> Socket {
-        use crate::sockets::Kind;
-        let endpoint = match (l.local, l.kind) {
-            (Some(a), Kind::Listener) => Endpoint::Tcp(a),
-            (Some(a), Kind::Datagram) => Endpoint::Udp(a),
-            (None, _) => match l.address.strip_prefix("unix:") {
-                Some(p) if p.starts_with('/') => Endpoint::UnixPath(p.into()),
-                _ => Endpoint::UnixOther,
-            },
-        };
+    pub fn new(name: &str, endpoint: &Endpoint) -> Socket {
         Socket {
-            name: l.name.clone(),
-            endpoint,
-        }
-    }
-
-    /// A socket `--listen` will bind.
-    pub fn of_spec(spec: &crate::config::ListenSpec) -> Socket {
-        use crate::config::Address;
-        let endpoint = match &spec.address {
-            Address::Tcp(a) => Endpoint::Tcp(*a),
-            Address::Udp(a) => Endpoint::Udp(*a),
-            Address::Unix(p) => Endpoint::UnixPath(p.clone()),
-        };
-        Socket {
-            name: spec.name.clone(),
-            endpoint,
+            name: name.to_string(),
+            endpoint: endpoint.clone(),
         }
     }
 }
@@ -168,16 +86,16 @@ pub fn check<'a>(
 
 fn cannot_express(mode: HandOff, s: &Socket) -> Option<&'static str> {
     match (mode, &s.endpoint) {
-        (HandOff::Nginx, Endpoint::UnixOther) => {
+        (HandOff::Nginx, Endpoint::UnixUnnamed { .. }) => {
             Some("nginx only inherits unix sockets that have a path (not abstract or unnamed ones)")
         }
         (HandOff::ServerStarter, Endpoint::Udp(_)) => {
             Some("SERVER_STARTER_PORT has no form for UDP sockets")
         }
-        (HandOff::ServerStarter, Endpoint::UnixOther) => {
+        (HandOff::ServerStarter, Endpoint::UnixUnnamed { .. }) => {
             Some("SERVER_STARTER_PORT needs a path for a unix socket")
         }
-        (HandOff::ServerStarter, Endpoint::UnixPath(p))
+        (HandOff::ServerStarter, Endpoint::Unix(p) | Endpoint::UnixDatagram(p))
             if p.as_os_str().as_bytes().iter().any(|b| b";=".contains(b)) =>
         {
             Some("a path with ';' or '=' cannot be written in SERVER_STARTER_PORT")
@@ -215,8 +133,10 @@ pub fn env_for(
                     .filter_map(|(s, fd)| {
                         let what = match &s.endpoint {
                             Endpoint::Tcp(a) => a.to_string(),
-                            Endpoint::UnixPath(p) => p.to_string_lossy().into_owned(),
-                            Endpoint::Udp(_) | Endpoint::UnixOther => return None,
+                            Endpoint::Unix(p) | Endpoint::UnixDatagram(p) => {
+                                p.to_string_lossy().into_owned()
+                            }
+                            Endpoint::Udp(_) | Endpoint::UnixUnnamed { .. } => return None,
                         };
                         Some(format!("{what}={fd}"))
                     })
@@ -235,62 +155,7 @@ pub fn env_for(
 
 /// Every template in `text` replaced for this worker.
 pub fn expand(text: &OsStr, sockets: &[Socket], worker: &WorkerInfo) -> Result<OsString, String> {
-    scan(text, |token| token.value(sockets, worker)).map(OsString::from_vec)
-}
-
-/// True if `text` passes an fd by template (`{fd}` or `{fd:NAME}`).
-pub fn has_fd_template(text: &OsStr) -> bool {
-    let mut found = false;
-    let _ = scan(text, |token| {
-        found |= matches!(token, Token::OnlyFd | Token::Fd(_));
-        Ok(String::new())
-    });
-    found
-}
-
-/// `text` with each template replaced by what `value` says.
-fn scan(
-    text: &OsStr,
-    mut value: impl FnMut(Token<'_>) -> Result<String, String>,
-) -> Result<Vec<u8>, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'{' {
-            out.push(bytes[i]);
-            i += 1;
-            continue;
-        }
-        let rest = &bytes[i..];
-        // `{{TOKEN}}`: the token, literally.
-        if let Some(inner) = rest.strip_prefix(b"{{") {
-            if let Some(end) = find(inner, b"}}") {
-                if Token::parse(&inner[..end]).is_some() {
-                    out.push(b'{');
-                    out.extend_from_slice(&inner[..end]);
-                    out.push(b'}');
-                    i += 2 + end + 2;
-                    continue;
-                }
-            }
-        }
-        let Some(end) = find(&rest[1..], b"}") else {
-            out.extend_from_slice(rest);
-            break;
-        };
-        match Token::parse(&rest[1..1 + end]) {
-            Some(token) => {
-                out.extend_from_slice(value(token)?.as_bytes());
-                i += end + 2;
-            }
-            None => {
-                out.push(b'{');
-                i += 1;
-            }
-        }
-    }
-    Ok(out)
+    scan(text, |token| value(token, sockets, worker)).map(OsString::from_vec)
 }
 
 /// The environment and argv a worker gets on top of nogap's base
@@ -319,27 +184,9 @@ pub fn render(
     Ok(Rendered { env, argv })
 }
 
-enum Token<'a> {
-    /// `{fd}`
-    OnlyFd,
-    /// `{fd:NAME}`
-    Fd(&'a [u8]),
-    Generation,
-    Worker,
-}
-
-impl<'a> Token<'a> {
-    fn parse(inner: &'a [u8]) -> Option<Token<'a>> {
-        match inner {
-            b"fd" => Some(Token::OnlyFd),
-            b"generation" => Some(Token::Generation),
-            b"worker" => Some(Token::Worker),
-            _ => inner.strip_prefix(b"fd:").map(Token::Fd),
-        }
-    }
-
-    fn value(&self, sockets: &[Socket], worker: &WorkerInfo) -> Result<String, String> {
-        match self {
+/// What a template stands for in this worker.
+fn value(token: Token<'_>, sockets: &[Socket], worker: &WorkerInfo) -> Result<String, String> {
+    match token {
             Token::OnlyFd if sockets.len() == 1 => Ok(FIRST_FD.to_string()),
             Token::OnlyFd => Err(format!(
                 "template {{fd}} needs exactly one socket, there are {}: use {{fd:NAME}} with one of {}",
@@ -348,7 +195,7 @@ impl<'a> Token<'a> {
             )),
             Token::Fd(name) => sockets
                 .iter()
-                .position(|s| s.name.as_bytes() == *name)
+                .position(|s| s.name.as_bytes() == name)
                 .map(|i| (FIRST_FD + i).to_string())
                 .ok_or_else(|| {
                     format!(
@@ -360,7 +207,6 @@ impl<'a> Token<'a> {
             Token::Generation => Ok(worker.generation.to_string()),
             Token::Worker => Ok(worker.slot.to_string()),
         }
-    }
 }
 
 fn names(sockets: &[Socket]) -> String {
@@ -374,13 +220,10 @@ fn names(sockets: &[Socket]) -> String {
         .join(", ")
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::template::has_fd_template;
 
     fn sockets() -> Vec<Socket> {
         vec![
@@ -390,7 +233,7 @@ mod tests {
             },
             Socket {
                 name: "api".into(),
-                endpoint: Endpoint::UnixPath("/run/app/api.sock".into()),
+                endpoint: Endpoint::Unix("/run/app/api.sock".into()),
             },
             Socket {
                 name: "dns".into(),
@@ -499,7 +342,7 @@ mod tests {
         assert!(e.contains("socket 'dns'") && e.contains("UDP"), "{e}");
         let abstract_ = [Socket {
             name: "priv".into(),
-            endpoint: Endpoint::UnixOther,
+            endpoint: Endpoint::UnixUnnamed { datagram: false },
         }];
         let e = check(&[HandOff::Nginx], none, &abstract_).unwrap_err();
         assert!(
@@ -508,7 +351,7 @@ mod tests {
         );
         let odd = [Socket {
             name: "odd".into(),
-            endpoint: Endpoint::UnixPath("/tmp/a=b.sock".into()),
+            endpoint: Endpoint::Unix("/tmp/a=b.sock".into()),
         }];
         assert!(check(&[HandOff::ServerStarter], none, &odd).is_err());
         assert!(check(&[HandOff::Nginx], none, &odd).is_ok());
@@ -533,7 +376,5 @@ mod tests {
                 ("APP_FD".into(), "4".into())
             ]
         );
-        assert_eq!(parse_handoff("server-starter"), Ok(HandOff::ServerStarter));
-        assert!(parse_handoff("upstart").is_err());
     }
 }

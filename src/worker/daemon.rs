@@ -23,50 +23,56 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::policy::Event;
-use crate::worker::WorkerId;
+use super::ExitStatus;
 
-/// Wait for the daemon of `worker` (whose first process `first_pid` exited
-/// with status 0) to name itself in `path`; the event says what became of it.
-pub async fn follow(worker: WorkerId, first_pid: i32, path: PathBuf, timeout: Duration) -> Event {
+/// Wait for the daemon of a worker (whose first process exited with status
+/// 0) to name itself in `path`: its pid, or how the first process's exit
+/// stands after all.
+pub async fn follow(path: PathBuf, timeout: Duration) -> Result<i32, ExitStatus> {
     let deadline = Instant::now() + timeout;
     let me = std::process::id() as i32;
     let mut pause = Duration::from_millis(1);
-    let mut problem = format!("wrote no pid to {}", path.display());
+    // Why the daemon cannot be followed (yet): nothing named, or not ours.
+    let mut not_ours = None;
     loop {
         if let Some(pid) = read_pid(&path) {
             match process_of(pid, me) {
-                Process::OurChild => return Event::MainPid { worker, pid },
-                Process::Gone => {
-                    return Event::Exited {
-                        pid: first_pid,
-                        status: format!(
-                            "exited with status 0, and pid {pid} in {} is not running",
-                            path.display()
-                        ),
-                    }
-                }
+                Process::OurChild => return Ok(pid),
+                Process::Gone => return Err(ExitStatus::DaemonNotRunning { pid, pidfile: path }),
                 // Its parent may be an intermediate process, still exiting.
-                Process::NotOurs => {
-                    problem = format!(
-                        "named pid {pid} in {}, not a child of nogap",
-                        path.display()
-                    )
-                }
+                Process::NotOurs => not_ours = Some(pid),
             }
         }
         if Instant::now() >= deadline {
-            return Event::Exited {
-                pid: first_pid,
-                status: format!(
-                    "exited with status 0 and {problem} within {}",
-                    humantime::format_duration(timeout)
-                ),
+            let status = match not_ours {
+                Some(pid) => ExitStatus::DaemonNotOurs {
+                    pid,
+                    pidfile: path,
+                    within: timeout,
+                },
+                None => ExitStatus::DaemonNoPid {
+                    pidfile: path,
+                    within: timeout,
+                },
             };
+            return Err(status);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// [`follow`] in a task of its own; what it found, made an event by
+/// `event`, is sent on `tx`.
+pub fn watch<E: Send + 'static>(
+    path: PathBuf,
+    timeout: Duration,
+    tx: tokio::sync::mpsc::Sender<E>,
+    event: impl FnOnce(Result<i32, ExitStatus>) -> E + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _ = tx.send(event(follow(path, timeout).await)).await;
+    });
 }
 
 /// The pid in a pid file: decimal, surrounding white space allowed. None
@@ -142,6 +148,31 @@ fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
+/// Reap every exited child: pids and how they ended.
+pub fn reap() -> Vec<(i32, ExitStatus)> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut out = Vec::new();
+    loop {
+        let (pid, status) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signaled(sig)),
+            Ok(WaitStatus::StillAlive) | Err(_) => return out,
+            Ok(_) => continue,
+        };
+        out.push((pid.as_raw(), status));
+    }
+}
+
+/// SIGKILL each of `pids` and its process group (nogap leaves), then
+/// every process left below nogap.
+pub fn kill_all(pids: impl Iterator<Item = i32>) {
+    for pid in pids {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    kill_descendants();
+}
+
 /// SIGKILL every process below nogap: on exit, so that neither a worker nor
 /// anything it forked (in whatever process group or session) outlives nogap.
 pub fn kill_descendants() {
@@ -195,11 +226,16 @@ mod tests {
     async fn follow_waits_for_a_child_of_ours() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.pid");
-        // A pid file naming a process that is not our child times out.
-        std::fs::write(&p, "1").unwrap();
-        let ev = follow(7, 42, p.clone(), Duration::from_millis(30)).await;
+        // No pid at all, within the time.
+        let ev = follow(p.clone(), Duration::from_millis(30)).await;
+        assert!(matches!(&ev, Err(ExitStatus::DaemonNoPid { .. })), "{ev:?}");
+        // A pid file naming a process that is not our child (our parent)
+        // times out.
+        let parent = nix::unistd::getppid().as_raw();
+        std::fs::write(&p, parent.to_string()).unwrap();
+        let ev = follow(p.clone(), Duration::from_millis(30)).await;
         assert!(
-            matches!(&ev, Event::Exited { pid: 42, status } if status.contains("wrote no pid")),
+            matches!(&ev, Err(ExitStatus::DaemonNotOurs { pid, .. }) if *pid == parent),
             "{ev:?}"
         );
         let mut child = std::process::Command::new("sleep")
@@ -207,16 +243,13 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(&p, format!("{}\n", child.id())).unwrap();
-        let ev = follow(7, 42, p.clone(), Duration::from_secs(5)).await;
-        assert!(
-            matches!(ev, Event::MainPid { worker: 7, pid } if pid == child.id() as i32),
-            "{ev:?}"
-        );
+        let ev = follow(p.clone(), Duration::from_secs(5)).await;
+        assert_eq!(ev, Ok(child.id() as i32));
         child.kill().unwrap();
         child.wait().unwrap();
-        let ev = follow(7, 42, p, Duration::from_secs(5)).await;
+        let ev = follow(p, Duration::from_secs(5)).await;
         assert!(
-            matches!(&ev, Event::Exited { pid: 42, status } if status.contains("is not running")),
+            matches!(&ev, Err(ExitStatus::DaemonNotRunning { .. })),
             "{ev:?}"
         );
     }
