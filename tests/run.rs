@@ -26,3 +26,37 @@ mod sockets;
 
 #[path = "run/errors.rs"]
 mod errors;
+
+#[path = "run/operator.rs"]
+mod operator;
+
+#[path = "run/signals.rs"]
+mod signals;
+
+#[path = "run/start_limit.rs"]
+mod start_limit;
+
+#[path = "run/death.rs"]
+mod death;
+
+#[path = "run/storm.rs"]
+mod storm;
+
+#[path = "run/upgrade.rs"]
+mod upgrade;
+
+#[path = "run/deploy.rs"]
+mod deploy;
+#[path = "run/listen.rs"]
+mod listen;
+
+#[path = "run/observe.rs"]
+mod observe;
+#[path = "run/pid1.rs"]
+mod pid1;
+
+#[path = "run/probe.rs"]
+mod probe;
+
+#[path = "run/canary.rs"]
+mod canary;

@@ -25,10 +25,16 @@ mod load;
 mod activation;
 #[path = "systemd/bad_input.rs"]
 mod bad_input;
+#[path = "systemd/death.rs"]
+mod death;
+#[path = "systemd/deb.rs"]
+mod deb;
 #[path = "systemd/fixture.rs"]
 mod fixture;
 #[path = "systemd/journal.rs"]
 mod journal;
+#[path = "systemd/listen.rs"]
+mod listen;
 #[path = "systemd/notify_reload.rs"]
 mod notify_reload;
 #[path = "systemd/reload.rs"]
@@ -37,6 +43,8 @@ mod reload;
 mod restart;
 #[path = "systemd/slow_start.rs"]
 mod slow_start;
+#[path = "systemd/upgrade.rs"]
+mod upgrade;
 #[path = "systemd/verify.rs"]
 mod verify;
 #[path = "systemd/watchdog.rs"]
@@ -69,10 +77,16 @@ on_both!(restart_with_socket_unit => crate::restart::with_socket_unit);
 on_both!(restart_with_fd_store => crate::restart::with_fd_store);
 on_both!(watchdog_with_socket_unit => crate::watchdog::with_socket_unit);
 on_both!(watchdog_with_fd_store => crate::watchdog::with_fd_store);
+on_both!(death_with_socket_unit => crate::death::with_socket_unit);
+on_both!(death_with_fd_store => crate::death::with_fd_store);
 on_both!(journal_fields => crate::journal::structured_fields);
 on_both!(slow_start_is_not_killed => crate::slow_start::extends_the_start_timeout);
 on_both!(verify_units => crate::verify::shipped_units);
+on_both!(upgrade_in_place => crate::upgrade::in_place_under_load);
+on_both!(debian_package => crate::deb::install_serve_reload_purge);
+on_both!(listen_change_by_reload => crate::listen::added_by_reload_and_refused_in_use);
 on_both!(bad_exec_start => crate::bad_input::bad_exec_start);
+on_both!(worker_never_starts => crate::bad_input::worker_never_starts);
 on_both!(unauthorised_control => crate::bad_input::unauthorised_control);
 on_both!(garbage_on_control_socket => crate::bad_input::garbage_on_control_socket);
 

@@ -195,6 +195,8 @@ struct LogState {
     workers: Vec<(i32, Option<u64>)>,
     /// Readers still running.
     open_streams: usize,
+    /// The pids in the log are another PID namespace's: not ours to track.
+    foreign_pids: bool,
 }
 
 struct Log {
@@ -255,6 +257,19 @@ impl Nogap {
             log,
             status: None,
         }
+    }
+
+    /// [`Nogap::spawn`] for a process that runs nogap in a PID namespace
+    /// of its own (`unshare --pid --fork`): the worker pids it logs are not
+    /// this namespace's, so the guard does not track them; killing the
+    /// process (the namespace's PID 1 with it) kills them all.
+    pub fn spawn_in_pid_namespace(label: &str, cmd: Command) -> Nogap {
+        let nogap = Nogap::spawn(label, cmd);
+        let mut state = nogap.log.state.lock().unwrap();
+        state.foreign_pids = true;
+        state.workers.clear();
+        drop(state);
+        nogap
     }
 
     pub fn pid(&self) -> i32 {
@@ -486,7 +501,7 @@ fn spawn_reader(
                     eprintln!("[{label}] {line}");
                 }
                 let mut state = log.state.lock().unwrap();
-                if prefix.is_empty() && started.matches(&line) {
+                if prefix.is_empty() && !state.foreign_pids && started.matches(&line) {
                     if let Some(pid) = field(&line, "pid").and_then(|p| p.parse().ok()) {
                         state.workers.push((pid, start_time(pid)));
                     }

@@ -102,6 +102,15 @@ fn usage_errors_exit_2_naming_the_bad_value() {
         (&["--stop-signal", "SIGFOO"], &["FOO"]),
         (&["--stop-signal", "99"], &["99"]),
         (&["-w", "many"], &["many"]),
+        (&["--metrics", "nowhere"], &["--metrics", "nowhere"]),
+        (&["--metrics", "127.0.0.1"], &["127.0.0.1"]),
+        (&["--ready", "notify+http:healthz"], &["http:healthz"]),
+        (&["--ready", "notify+udp"], &["udp"]),
+        (
+            &["--ready", "notify+http:/healthz", "--handover", "shared"],
+            &["GET /healthz", "--handover shared"],
+        ),
+        (&["--ready", "tcp", "--reuseport"], &["--reuseport"]),
     ];
     let mut results = Vec::new();
     for (args, names) in cases {
@@ -139,6 +148,20 @@ fn port_in_use_exits_3_naming_the_address() {
     let worker = worker(dir.path());
     let cmd = run(dir.path(), &with_worker(&["-l", &addr], &worker), false);
     expect_error(dir.path(), cmd, SOCKETS, &[&addr]);
+}
+
+#[test]
+fn metrics_port_in_use_exits_3_naming_the_address() {
+    let dir = scratch();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let worker = worker(dir.path());
+    let cmd = run(
+        dir.path(),
+        &with_worker(&["--metrics", &addr], &worker),
+        true,
+    );
+    expect_error(dir.path(), cmd, SOCKETS, &[&addr, "--metrics"]);
 }
 
 #[test]
@@ -205,4 +228,26 @@ fn inherited_fds_that_are_not_sockets_exit_3() {
         ));
     }
     all_ok(results);
+}
+
+/// A probe that cannot reach the new generation alone (no TCP socket to
+/// steer): a usage error at start, before any worker runs. The sockets are
+/// known only once taken (LISTEN_FDS), so nogap's start-up lines come first.
+#[test]
+fn a_probe_without_a_steerable_socket_exits_2() {
+    let dir = scratch();
+    let worker = worker(dir.path());
+    let udp = format!("udp://{}", free_addr());
+    let args = with_worker(&["-l", &udp, "--ready", "notify+tcp"], &worker);
+    let mut nogap = Nogap::spawn("nogap", run(dir.path(), &args, false));
+    let status = nogap.wait_exit(LONG);
+    let lines = nogap.wait_output_closed(LONG);
+    assert_eq!(status.code(), Some(USAGE), "{lines:?}");
+    let last = lines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("--ready with a probe (tcp)") && last.contains("TCP socket"),
+        "{lines:?}"
+    );
+    assert_eq!(nogap.count_log("worker started"), 0);
+    assert!(!dir.path().join("started").exists());
 }

@@ -125,3 +125,22 @@ pub fn code(status: std::process::ExitStatus) -> i32 {
         .code()
         .unwrap_or_else(|| panic!("killed by a signal: {status:?}"))
 }
+
+/// `nogap ARGS --control DIR/control.sock`, run to its end.
+pub fn client(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::common::nogap_bin())
+        .args(args)
+        .arg("--control")
+        .arg(dir.join("control.sock"))
+        .output()
+        .expect("run nogap client")
+}
+
+/// A client's stdout and stderr, as one text.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -151,7 +151,8 @@ fn worker_gets_exactly_the_sockets_at_fd_3_and_matching_listen_variables() {
     // The next generation gets the same names and fd layout. Its TCP
     // sockets are its own (steered hand-over: same address, another socket
     // of the reuseport group); UDP and unix sockets are the very same. Once
-    // generation 1 is gone, the next one takes its sockets again.
+    // generation 1 is gone its socket is closed (nogap bound it: nothing
+    // outlives nogap), and generation 3 gets a socket of its own again.
     reload(&nogap, 2);
     let gen2 = reports(&nogap, dir.path(), 2, 2);
     for p in nogap.started_pids(Some(1)) {
@@ -173,10 +174,13 @@ fn worker_gets_exactly_the_sockets_at_fd_3_and_matching_listen_variables() {
                 "fd {n}: generation 2's socket (steered: {steered})"
             );
             assert_eq!(
-                fd(a, n)["target"],
-                fd(c, n)["target"],
-                "fd {n} of generation 3"
+                fd(b, n)["target"] != fd(c, n)["target"],
+                steered,
+                "fd {n} of generation 3 (steered: {steered})"
             );
+            if !steered {
+                assert_eq!(fd(a, n)["target"], fd(c, n)["target"], "fd {n}");
+            }
         }
         assert_eq!(fd_numbers(b), [0, 1, 2, 3, 4, 5, 6]);
     }
@@ -285,7 +289,9 @@ fn worker_signal_state_is_default_even_when_nogaps_is_not() {
     ]);
     // SAFETY: only async-signal-safe calls (sigemptyset, sigaddset,
     // sigprocmask, signal, the rt_sigaction syscall) between fork and exec,
-    // on stack memory, no allocation.
+    // on stack memory, no allocation. (A test plays nogap's parent here;
+    // the crate's unsafe_code lint is for nogap itself.)
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(|| {
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -348,6 +354,7 @@ fn worker_does_not_inherit_stray_fds_of_nogap() {
     ]);
     // SAFETY: dup2 is async-signal-safe; the new fds are not close-on-exec,
     // as if nogap's parent leaked them.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             libc::dup2(raw, 9);

@@ -3,9 +3,11 @@
 //! A server may close an idle keep-alive connection at any time; a request
 //! that was on its way then gets EOF or a reset before any byte of a
 //! response, and clients retry it on a new connection (RFC 9112, 9.3.1; curl,
-//! browsers, Go's net/http and urllib3 do, for idempotent requests). nginx
-//! and uvicorn close their idle keep-alive connections when they start a
-//! graceful stop, so every reload does this once on each connection.
+//! browsers, Go's net/http and urllib3 do, for idempotent requests). nginx,
+//! lighttpd, uvicorn, hypercorn, daphne and Express close their idle
+//! keep-alive connections when they start a graceful stop, so every reload
+//! does this once on each connection (docs/handoff.md, "Keep-alive
+//! connections at a graceful stop").
 //!
 //! [`KeepAlive`] runs `common::load::Client`s and does the same: such a
 //! request is retried once on a new connection and counted as a *stale

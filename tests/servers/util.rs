@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
-use crate::common::load::{Load, LoadConfig, Mode, Report, Target};
+use crate::common::load::{Client, Failure, Load, LoadConfig, Mode, Report, Response, Target};
 use crate::common::{field, proc_status, process_exists, Nogap, LONG};
 use crate::traffic::{KeepAlive, KeepAliveReport};
 
@@ -26,7 +26,18 @@ pub fn venv() -> PathBuf {
         .unwrap_or_else(|| "/var/cache/nogap-test/venv".into())
 }
 
+/// Where `tests/setup-servers.sh` installs Express.
+pub fn node_modules() -> PathBuf {
+    std::env::var_os("NOGAP_TEST_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/nogap-test/node/node_modules".into())
+}
+
 pub const NGINX: &str = "/usr/sbin/nginx";
+pub const LIGHTTPD: &str = "/usr/sbin/lighttpd";
+pub const PUMA: &str = "/usr/bin/puma";
+pub const UNICORN: &str = "/usr/bin/unicorn";
+pub const GO: &str = "/usr/bin/go";
 
 /// Panics with what to do when the machine is not set up for these tests.
 pub fn require_setup() {
@@ -43,10 +54,15 @@ pub fn require_setup() {
     {
         missing(&format!("no user {TEST_USER}"));
     }
-    if !Path::new(NGINX).exists() {
-        missing("nginx is not installed");
+    for bin in [NGINX, LIGHTTPD, PUMA, UNICORN, GO] {
+        if !Path::new(bin).exists() {
+            missing(&format!("{bin} is not installed"));
+        }
     }
-    for bin in ["gunicorn", "uvicorn"] {
+    if !node_modules().join("express/package.json").exists() {
+        missing(&format!("express is not in {}", node_modules().display()));
+    }
+    for bin in ["gunicorn", "uvicorn", "hypercorn", "daphne"] {
         if !venv().join("bin").join(bin).exists() {
             missing(&format!("{bin} is not in {}", venv().display()));
         }
@@ -149,6 +165,58 @@ pub fn worker_pids(nogap: &Nogap, gen: u32) -> Vec<i32> {
         .iter()
         .map(|l| field(l, "pid").and_then(|p| p.parse().ok()).expect("pid="))
         .collect()
+}
+
+/// What became of a request in progress on the serving generation when a
+/// reload stopped it: see [`slow_request_across_reload`].
+pub struct SlowRequest {
+    /// The answer, or how the request failed.
+    pub result: Result<Response, Failure>,
+}
+
+/// `GET /slow` (the test apps answer it after 6 s, the Ruby one after 3 s: longer than a reload takes on a busy machine) on generation `gen`,
+/// then a reload: nogap sends `gen` its stop signal while the request is in
+/// progress (checked). A graceful stop answers it; an immediate one loses
+/// it.
+pub fn slow_request_across_reload(
+    nogap: &Nogap,
+    target: impl Into<Target>,
+    gen: u32,
+) -> SlowRequest {
+    let target = target.into();
+    let from = nogap.log_len();
+    let slow = std::thread::spawn(move || {
+        Client::new(target, Duration::from_secs(30))
+            .with_path("/slow")
+            .get()
+    });
+    nogap.wait_for_log_from(from, "slow request started", LONG);
+    reload(nogap, gen + 1);
+    nogap.wait_for_log_from(
+        from,
+        &format!("draining worker worker=0 generation={gen} "),
+        LONG,
+    );
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before generation {gen} got its stop signal"
+    );
+    SlowRequest {
+        result: slow.join().expect("slow request thread"),
+    }
+}
+
+impl SlowRequest {
+    /// Answered 200 by generation `gen` after its stop signal.
+    pub fn assert_answered_by(&self, gen: u32) {
+        match &self.result {
+            Ok(resp) => {
+                assert_eq!(resp.status, 200, "slow request answered {}", resp.status);
+                assert_eq!(resp.gen, Some(gen), "slow request answered by {resp:?}");
+            }
+            Err(f) => panic!("the request in progress at the stop signal was lost: {f}"),
+        }
+    }
 }
 
 /// What a reload run saw.

@@ -42,6 +42,36 @@ pub fn bad_exec_start(release: Release) {
     );
 }
 
+/// A worker command that can never start (it exits 2 at once): nogap gives
+/// up after its start limit (5 failed starts within 10s) and exits 6, and
+/// `RestartPreventExitStatus=... 6` keeps systemd from restarting it in a
+/// loop: the unit is `failed`, and the journal says why in one line.
+pub fn worker_never_starts(release: Release) {
+    let n = Nogap::boot(release);
+    // Changed besides the port: the worker exits 2 at once.
+    let service = EXAMPLE_SERVICE.replace(
+        "-- /usr/bin/nogap-demo",
+        "-- /bin/sh -c 'echo myserver: unknown flag >&2; exit 2'",
+    );
+    assert_ne!(service, EXAMPLE_SERVICE);
+    n.install("example.socket", &n.on_port(EXAMPLE_SOCKET));
+    n.install(UNIT, &service);
+    let start = n.c.systemctl(&["start", UNIT]);
+    assert!(!start.status.success(), "the start succeeded: {start:?}");
+    assert_eq!(n.show(UNIT, "ActiveState"), "failed");
+    assert_eq!(n.show(UNIT, "Result"), "exit-code");
+    assert_eq!(n.show(UNIT, "ExecMainStatus"), "6");
+    assert_eq!(n.show(UNIT, "NRestarts"), "0");
+    let journal = n.journal(UNIT);
+    assert!(
+        journal.contains("nogap: no worker could start: worker ")
+            && journal.contains("exited with status 2 before it was ready (5 failed starts")
+            && journal.contains("its last output: myserver: unknown flag"),
+        "nogap's one-line reason is not in the journal:\n{journal}"
+    );
+    assert!(journal.contains("myserver: unknown flag"), "{journal}");
+}
+
 /// `nogap status` and `nogap reload` as `nobody`: refused (exit 5), and the
 /// service serves on, unreloaded. First with the socket as nogap makes it
 /// (mode 0600: the kernel refuses the connection), then with its mode
@@ -226,7 +256,8 @@ pub fn stored_fd_not_a_socket(release: Release) {
     );
     eprintln!("{}", n.journal(FDSTORE_UNIT));
     assert_eq!(n.show(FDSTORE_UNIT, "NRestarts"), "1");
-    assert_eq!(n.show(FDSTORE_UNIT, "NFileDescriptorStore"), "1");
+    // The socket, and the output pipe of each of the 2 workers.
+    assert_eq!(n.show(FDSTORE_UNIT, "NFileDescriptorStore"), "3");
     let journal = n.journal(FDSTORE_UNIT);
     assert!(
         journal.contains("dropping unusable fd from the fd store"),

@@ -262,43 +262,90 @@ impl Traffic {
     }
 }
 
+/// What a load of a scenario may lose today: at most `at_most` requests
+/// failed with one of `kinds`, together. Every kind not named must be 0.
+/// Each use says why it is not 0 yet and what will bring it there.
+#[derive(Clone, Copy, Debug)]
+pub struct Loss {
+    pub kinds: &'static [FailureKind],
+    pub at_most: u64,
+}
+
+impl Loss {
+    /// Nothing, of any kind.
+    pub const NONE: Loss = Loss {
+        kinds: &[],
+        at_most: 0,
+    };
+}
+
+/// Every failure kind with its count, zeros included: `refused=0 reset=1 ...`.
+pub fn every_kind(report: &Report) -> String {
+    FailureKind::ALL
+        .iter()
+        .map(|&k| format!("{k}={}", report.failures_of(k)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl Reports {
-    /// Connections refused by both loads: nobody held the listening socket.
-    pub fn refused(&self) -> u64 {
-        self.both()
-            .iter()
-            .map(|r| r.failures_of(FailureKind::Refused))
-            .sum()
+    /// Panics, with both summaries and the first failures, unless both
+    /// loads lost nothing, of any kind (refused, reset, timeout, EOF before
+    /// a response, bad response, non-2xx, other I/O errors).
+    pub fn assert_no_failures(&self) {
+        self.assert_losses(Loss::NONE, Loss::NONE);
     }
 
-    /// Failed requests of both loads, of any kind.
-    pub fn failed(&self) -> u64 {
-        self.both().iter().map(|r| r.failed()).sum()
-    }
-
-    /// Panics, with both summaries and the first failures, if a connection
-    /// was refused.
-    pub fn assert_none_refused(&self) {
-        if self.refused() == 0 {
+    /// Panics, with every kind's count and the first failures, if a load
+    /// lost a request of a kind its [`Loss`] does not name, or more than
+    /// its bound of the kinds it names.
+    pub fn assert_losses(&self, keep_alive: Loss, new_conn: Loss) {
+        let mut wrong = Vec::new();
+        for (report, loss) in [(&self.keep_alive, keep_alive), (&self.new_conn, new_conn)] {
+            for kind in FailureKind::ALL {
+                let n = report.failures_of(kind);
+                if n > 0 && !loss.kinds.contains(&kind) {
+                    wrong.push(format!("{}: {n} {kind}, allowed 0", report.mode));
+                }
+            }
+            let allowed: u64 = loss.kinds.iter().map(|&k| report.failures_of(k)).sum();
+            if allowed > loss.at_most {
+                let names: Vec<&str> = loss.kinds.iter().map(|k| k.name()).collect();
+                wrong.push(format!(
+                    "{}: {allowed} of {} together, allowed at most {}",
+                    report.mode,
+                    names.join(" + "),
+                    loss.at_most
+                ));
+            }
+        }
+        if wrong.is_empty() {
             return;
         }
         let first: Vec<String> = self
             .both()
             .iter()
-            .flat_map(|r| r.failure_log.iter().take(10).map(|f| f.to_string()))
+            .flat_map(|r| {
+                r.failure_log.iter().take(10).map(move |f| {
+                    format!(
+                        "  {} +{:.3}s {f}",
+                        r.mode,
+                        f.at.saturating_duration_since(r.start).as_secs_f64()
+                    )
+                })
+            })
             .collect();
         panic!(
-            "{} connections refused:\n{}\n{}\nfirst failures:\n{}",
-            self.refused(),
+            "the load lost requests:\n{}\n{}: {}\n{}: {}\n{}\n{}\nfirst failures:\n{}",
+            wrong.join("\n"),
+            self.keep_alive.mode,
+            every_kind(&self.keep_alive),
+            self.new_conn.mode,
+            every_kind(&self.new_conn),
             self.keep_alive.summary(),
             self.new_conn.summary(),
             first.join("\n")
         );
-    }
-
-    pub fn assert_no_failures(&self) {
-        self.keep_alive.assert_no_failures();
-        self.new_conn.assert_no_failures();
     }
 
     pub fn both(&self) -> [&Report; 2] {

@@ -1,5 +1,6 @@
 //! nogap's log under systemd: journald entries of the unit, with nogap's
-//! structured fields (`WORKER`, `GENERATION`, `PID`, `SOCKET`, no prefix).
+//! structured fields (`WORKER`, `GENERATION`, `PID`, `SOCKET`, no prefix),
+//! and the workers' output lines with `WORKER`, `GENERATION`, `WORKER_PID`.
 
 use std::collections::BTreeSet;
 
@@ -38,7 +39,13 @@ pub fn structured_fields(release: Release) {
         let ready2 = with(&entries, "worker ready")
             .filter(|e| field(e, "GENERATION") == Some("2"))
             .count();
-        (ready2 == 2 && with(&entries, "generation ready").count() == 2).then_some(entries)
+        let said2 = entries
+            .iter()
+            .filter(|e| from_worker(e) && field(e, "GENERATION") == Some("2"))
+            .filter(|e| field(e, "MESSAGE").is_some_and(|m| m.ends_with(": ready")))
+            .count();
+        (ready2 == 2 && said2 == 2 && with(&entries, "generation ready").count() == 2)
+            .then_some(entries)
     });
     let from_nogap = |e: &&Value| {
         field(e, "SYSLOG_IDENTIFIER") == Some("nogap")
@@ -79,6 +86,27 @@ pub fn structured_fields(release: Release) {
     assert_eq!(listening.len(), 1, "{listening:?}");
     assert_eq!(field(listening[0], "SOCKET"), Some("http"));
 
+    // The workers' own lines (captured: nogap's stderr is the journal) come
+    // with their names: each `ready` the demo prints carries the slot,
+    // generation and pid of the worker that printed it.
+    let said: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .filter(|e| from_worker(e) && field(e, "_SYSTEMD_UNIT") == Some(UNIT))
+        .filter(|e| field(e, "MESSAGE").is_some_and(|m| m.ends_with(": ready")))
+        .map(|e| {
+            let f = |k| field(e, k).unwrap_or_else(|| panic!("no {k} in {e}"));
+            let (msg, pid) = (f("MESSAGE"), f("WORKER_PID"));
+            assert_eq!(msg, format!("nogap-demo[{pid}]: ready"), "{e}");
+            assert_eq!(f("PRIORITY"), "6", "{e}");
+            (f("GENERATION"), f("WORKER"), pid)
+        })
+        .collect();
+    let mut by_worker: Vec<(&str, &str, &str)> = ready.clone();
+    by_worker.sort();
+    let mut said_sorted = said.clone();
+    said_sorted.sort();
+    assert_eq!(said_sorted, by_worker, "worker lines vs `worker ready`");
+
     // nogap's own fields carry no prefix.
     for e in entries.iter().filter(from_nogap) {
         let fields = e.as_object().expect("an entry is an object");
@@ -87,6 +115,11 @@ pub fn structured_fields(release: Release) {
             "prefixed field in {e}"
         );
     }
+}
+
+/// An entry nogap wrote for a worker's output line.
+fn from_worker(e: &Value) -> bool {
+    field(e, "SYSLOG_IDENTIFIER") == Some("nogap-demo") && field(e, "WORKER_PID").is_some()
 }
 
 /// Entries whose MESSAGE is `message`.

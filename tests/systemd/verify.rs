@@ -6,6 +6,10 @@ use super::fixture::{
 };
 use super::harness::{OutputExt, Release};
 
+/// The template unit the package ships, verified as an instance
+/// (`nogap@demo.service`: `%i` is `demo`).
+const TEMPLATE: &str = include_str!("../../units/nogap@.service");
+
 const DIR: &str = "/opt/units";
 
 /// Every unit verifies without a word on trixie; on bookworm every unit but
@@ -19,6 +23,7 @@ pub fn shipped_units(release: Release) {
         ("example.socket", EXAMPLE_SOCKET),
         ("example-fdstore.service", FDSTORE_SERVICE),
         ("example-notify-reload.service", NOTIFY_RELOAD_SERVICE),
+        ("nogap@demo.service", TEMPLATE),
         (
             "broken.service",
             &EXAMPLE_SERVICE.replace("/usr/bin/nogap run", "/usr/bin/no-such-nogap run"),
@@ -28,7 +33,10 @@ pub fn shipped_units(release: Release) {
     }
     let verify = |units: &[&str]| {
         let mut args = vec!["systemd-analyze".to_owned(), "verify".to_owned()];
-        args.extend(units.iter().map(|u| format!("{DIR}/{u}")));
+        args.extend(units.iter().map(|u| match u.starts_with("--") {
+            true => u.to_string(),
+            false => format!("{DIR}/{u}"),
+        }));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         n.c.exec(&args)
     };
@@ -36,6 +44,9 @@ pub fn shipped_units(release: Release) {
     let mut clean = vec![
         &["example.service", "example.socket"][..],
         &["example-fdstore.service"],
+        // Its Documentation= names man:nogap-run(1), which the package
+        // installs; the container has no man to look it up.
+        &["--man=no", "nogap@demo.service"],
     ];
     if release.systemd_version() >= 253 {
         clean.push(&["example-notify-reload.service"]);

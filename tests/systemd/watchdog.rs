@@ -1,9 +1,10 @@
 //! `WatchdogSec=`: systemd kills and restarts a frozen nogap, and the socket
-//! it holds (socket unit or fd store) refuses no connection meanwhile.
+//! it holds (socket unit or fd store) refuses no connection meanwhile, and
+//! no request is lost of any kind: the workers drain (issue #10 item 2).
 
 use std::time::Duration;
 
-use super::fixture::{Nogap, Traffic, FDSTORE_SERVICE};
+use super::fixture::{every_kind, Loss, Nogap, Traffic, FDSTORE_SERVICE};
 use super::harness::{progress, wait_for, OutputExt, Release};
 
 /// The test's only change to the shipped units, as a drop-in: a short
@@ -15,6 +16,19 @@ const FAST_WATCHDOG: &str = "[Service]\nWatchdogSec=2s\nWatchdogSignal=SIGKILL\n
 /// From `kill -STOP` to the restarted nogap: watchdog (2 s), RestartSec=
 /// (1 s), start, with room for a busy box.
 const RESTART_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Connections of each load (keep-alive and new-connection).
+const CLIENTS: usize = 3;
+
+/// What each load may lose when the watchdog kills nogap: nothing (issue
+/// #10 item 2). The workers' parent-death signal is the stop signal, so
+/// they drain instead of dying with nogap, and `KillMode=process` keeps
+/// systemd from killing them; the next nogap takes the sockets back and
+/// stops what is left after its drain timeout. (With the parent-death
+/// signal SIGKILL and `KillMode=mixed`, keep-alive lost exactly one request
+/// per client every time, new-connection 0 to 2: reset or EOF before a
+/// response.)
+const CUT_BY_SIGKILL: Loss = Loss::NONE;
 
 /// `example.service` + `example.socket`.
 pub fn with_socket_unit(release: Release) {
@@ -33,16 +47,18 @@ pub fn with_fd_store(release: Release) {
     n.drop_in(UNIT, "watchdog", FAST_WATCHDOG);
     n.systemctl(&["start", UNIT]);
     frozen_nogap_is_replaced(&n, UNIT);
-    assert_eq!(n.show(UNIT, "NFileDescriptorStore"), "1");
+    // The socket and the 2 workers' output pipes, once the dead nogap's
+    // workers' pipes are taken out (after the drain timeout, 20s).
+    n.wait_property(UNIT, "NFileDescriptorStore", "3", Duration::from_secs(60));
 }
 
 /// Under load, `kill -STOP` nogap: systemd's watchdog kills it, restarts the
-/// unit, and the new nogap serves. No connection is refused; requests in
-/// flight on the killed workers' connections may fail (reported).
+/// unit, and the new nogap serves. No connection is refused, no request
+/// times out, gets a bad answer or is cut ([`CUT_BY_SIGKILL`]).
 fn frozen_nogap_is_replaced(n: &Nogap, unit: &str) {
     assert_eq!(n.show(unit, "WatchdogUSec"), "2s");
     let frozen = n.main_pid(unit).expect("a main process");
-    let traffic = Traffic::start(n.addr(), 3);
+    let traffic = Traffic::start(n.addr(), CLIENTS);
     n.c.sh(&format!("kill -STOP {frozen}"))
         .expect_success("kill -STOP nogap");
     let restarted = wait_for(
@@ -64,13 +80,11 @@ fn frozen_nogap_is_replaced(n: &Nogap, unit: &str) {
         "no watchdog timeout in the journal:\n{journal}"
     );
     progress(format!(
-        "{}: watchdog restart of {unit} (nogap {frozen} -> {restarted}): refused={}, \
-         other failures={} [{} | {}]",
+        "{}: watchdog restart of {unit} (nogap {frozen} -> {restarted}): keep-alive [{}], \
+         new-connection [{}]",
         n.release().codename(),
-        reports.refused(),
-        reports.failed() - reports.refused(),
-        reports.keep_alive.failure_summary(),
-        reports.new_conn.failure_summary(),
+        every_kind(&reports.keep_alive),
+        every_kind(&reports.new_conn),
     ));
-    reports.assert_none_refused();
+    reports.assert_losses(CUT_BY_SIGKILL, CUT_BY_SIGKILL);
 }

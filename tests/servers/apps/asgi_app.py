@@ -1,5 +1,9 @@
-"""An ASGI app for uvicorn behind nogap: answers with the pid that served."""
+"""An ASGI app for uvicorn, hypercorn and daphne behind nogap: answers with
+the pid that served; /slow answers after 6 s (a request in progress when a
+reload stops the worker)."""
+import asyncio
 import os
+import sys
 
 GENERATION = os.environ.get("NOGAP_GENERATION", "0")
 
@@ -13,6 +17,9 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["path"] == "/slow":
+        print("slow request started pid %d" % os.getpid(), file=sys.stderr, flush=True)
+        await asyncio.sleep(6)
     body = ("pid %d gen %s\n" % (os.getpid(), GENERATION)).encode()
     await send(
         {
