@@ -3,8 +3,9 @@
 //! mistaken for a dead one. Run with `cargo bench --bench health`; see
 //! bench/README.md. It measures and prints; it never asserts.
 //!
-//! 1. Failure modes under load (keep-alive and new-connection clients, 20 s
-//!    client timeout), NOGAP_BENCH_RUNS runs each: the time from the stall
+//! 1. Failure modes under load (4 keep-alive and NOGAP_BENCH_CONNS, 50,
+//!    new-connection clients, 1 s client timeout: a request not answered
+//!    within 1 s fails), NOGAP_BENCH_RUNS runs each: the time from the stall
 //!    onset (the first new connection the failing worker did not take) to
 //!    the first answer from its replacement, with nogap's default settings
 //!    unless the row says otherwise.
@@ -33,7 +34,7 @@ use nix::sys::signal::Signal;
 use common::load::{Load, LoadConfig, Mode};
 use common::{demo_bin, free_addr, Nogap, LONG};
 use fixture::{
-    load, misbehave_once, queue_depth, scratch, start, Outage, QueueSamples, Which, CLIENT_TIMEOUT,
+    misbehave_once, queue_depth, scratch, start, Outage, QueueSamples, Which, CLIENT_TIMEOUT,
 };
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -75,7 +76,7 @@ struct FailureMode {
 const MODES: &[FailureMode] = &[
     FailureMode {
         name: "accept loop stops, 1 worker",
-        settings: "defaults (stall 2s, interval 250ms)",
+        settings: "defaults (interval 100ms, first sign 150ms)",
         workers: 1,
         knobs: "--stall-accept-after 3s",
         nogap_args: &[],
@@ -83,7 +84,7 @@ const MODES: &[FailureMode] = &[
     },
     FailureMode {
         name: "accept loops stop, 4 of 4 workers",
-        settings: "defaults (stall 2s, interval 250ms)",
+        settings: "defaults (interval 100ms, first sign 150ms)",
         workers: 4,
         knobs: "--stall-accept-after 3s",
         nogap_args: &[],
@@ -133,6 +134,21 @@ struct Outcome {
     note: Option<String>,
 }
 
+/// The clients' timeout in the failure modes: what a client waits at most.
+const FAILURE_CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A load of the failure modes: `conns` clients, 2 ms between requests,
+/// [`FAILURE_CLIENT_TIMEOUT`].
+fn impatient(addr: SocketAddr, mode: Mode, conns: usize) -> Load {
+    Load::start(
+        LoadConfig::new(addr, mode)
+            .connections(conns)
+            .pause(Duration::from_millis(2))
+            .timeout(FAILURE_CLIENT_TIMEOUT)
+            .duration(Duration::from_secs(300)),
+    )
+}
+
 fn run_mode(m: &FailureMode) -> Outcome {
     let dir = scratch();
     let addr = free_addr();
@@ -146,12 +162,16 @@ fn run_mode(m: &FailureMode) -> Outcome {
         .into_iter()
         .map(|p| p as u32)
         .collect();
-    let ka = load(addr, Mode::KeepAlive, 4);
+    let ka = impatient(addr, Mode::KeepAlive, 4);
     ka.wait_for_more_ok(20, LONG);
     if let Some(line) = m.new_connections_after {
         nogap.try_wait_for_log(line, LONG);
     }
-    let nc = load(addr, Mode::NewConnection, 4);
+    let nc = impatient(
+        addr,
+        Mode::NewConnection,
+        env_u64("NOGAP_BENCH_CONNS", 50) as usize,
+    );
     let mut note = None;
     let waiting_from = nc.ok();
     if nogap
@@ -241,8 +261,11 @@ fn cpu_secs(pid: i32) -> f64 {
         .collect();
     // After the command name: index 11 is utime (field 14), 12 stime.
     let ticks = f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1);
     ticks as f64 / hz as f64
 }
 
@@ -314,7 +337,7 @@ fn cpu_row(secs: u64, health: bool, loaded: bool) {
 }
 
 fn monitoring_cost(secs: u64) {
-    println!("\n## nogap CPU, 64 workers x 16 sockets, health interval 250 ms ({secs} s each)\n");
+    println!("\n## nogap CPU, 64 workers x 16 sockets, health interval 100 ms ({secs} s each)\n");
     println!(
         "| workers | sockets | health checks | traffic | nogap utime+stime | of one core | \
          stalls reported | replacements |"
