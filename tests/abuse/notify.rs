@@ -3,17 +3,25 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
-use crate::common::{free_addr, must, LONG};
+use crate::common::{free_addr, must, wait_until, LONG};
 use crate::fixture::{loads, misbehave_once, pid_of, scratch, start, status, Which};
 use crate::support::{fds, print, rss_kb};
 
-/// The NOTIFY_SOCKET a process was started with.
+/// The NOTIFY_SOCKET a worker was started with. "worker started" is logged
+/// right after the fork, so the child may not have exec'd yet (until then
+/// its environ is nogap's): wait for the variable to appear.
 fn notify_socket_of(pid: i32) -> PathBuf {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
-    env.split(|b| *b == 0)
-        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
-        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
-        .expect("NOTIFY_SOCKET set")
+    let read = || {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        env.split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
+            .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+    };
+    assert!(
+        wait_until(LONG, || read().is_some()),
+        "pid {pid} never had NOTIFY_SOCKET"
+    );
+    read().expect("NOTIFY_SOCKET set")
 }
 
 /// Defect 2: any process that could write a worker's notify socket could
