@@ -165,20 +165,19 @@ fn a_reload_removes_a_listener_once_no_generation_has_it() {
     nc.assert_no_failures();
 }
 
-/// The TCP sockets of 127.0.0.1:`port` in `state` (`/proc/net/tcp` codes:
-/// 0A listening, 01 established), by inode.
+/// The inodes of TCP sockets with local port `port` in `state`
+/// (`listening`, `established`), from `ss`: a sock_diag dump the kernel
+/// filters. Not /proc/net/tcp: with the tens of thousands of TIME_WAIT
+/// entries a concurrent load test leaves, reading it took seconds.
 fn tcp_inodes(port: u16, state: &str) -> BTreeSet<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
-    let local = format!("0100007F:{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&state))
-                .then(|| f.get(9)?.parse().ok())
-                .flatten()
-        })
+    let out = std::process::Command::new("ss")
+        .args(["-Htne", "state", state, &format!("( sport = :{port} )")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("ino:")?.parse().ok())
         .collect()
 }
 
@@ -197,7 +196,7 @@ fn held_sockets(pid: i32) -> BTreeSet<u64> {
 
 /// Which of `pids` holds a connection accepted on 127.0.0.1:`port`.
 fn accepted_by(pids: &[i32], port: u16) -> Option<i32> {
-    let conns = tcp_inodes(port, "01");
+    let conns = tcp_inodes(port, "established");
     pids.iter()
         .copied()
         .find(|&pid| !held_sockets(pid).is_disjoint(&conns))
@@ -295,7 +294,7 @@ fn a_removed_listener_still_drains_across_an_upgrade_and_is_closed_after_it() {
     let status = text(&client(dir.path(), &["status"]));
     assert!(!status.contains(&admin.to_string()), "{status}");
     assert!(
-        tcp_inodes(admin.port(), "0A").is_empty(),
+        tcp_inodes(admin.port(), "listening").is_empty(),
         "nothing listens on admin"
     );
 
@@ -323,7 +322,7 @@ fn a_listener_added_by_a_reload_is_the_same_socket_after_an_upgrade() {
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     must(LONG, "admin serves", || serves(admin));
-    let sockets = tcp_inodes(admin.port(), "0A");
+    let sockets = tcp_inodes(admin.port(), "listening");
     assert!(!sockets.is_empty());
     assert!(
         sockets.is_subset(&held_sockets(nogap.pid())),
@@ -336,7 +335,7 @@ fn a_listener_added_by_a_reload_is_the_same_socket_after_an_upgrade() {
     nogap.wait_for_log("upgraded in place", LONG);
     assert!(aka.wait_for_more_ok(50, LONG) && anc.wait_for_more_ok(50, LONG));
     assert_eq!(
-        tcp_inodes(admin.port(), "0A"),
+        tcp_inodes(admin.port(), "listening"),
         sockets,
         "admin was bound again"
     );
@@ -355,7 +354,7 @@ fn a_listener_added_by_a_reload_is_the_same_socket_after_an_upgrade() {
         get_once(&Target::Tcp(admin), Duration::from_secs(5)).is_ok_and(|r| r.gen == Some(3))
     });
     assert_eq!(
-        tcp_inodes(admin.port(), "0A"),
+        tcp_inodes(admin.port(), "listening"),
         sockets,
         "admin was bound again"
     );
