@@ -4,8 +4,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
 use crate::common::{free_addr, must, wait_until, LONG};
-use crate::fixture::{loads, misbehave_once, pid_of, scratch, start, status, Which};
-use crate::support::{fds, print, rss_kb};
+use crate::fixture::{loads, pid_of, scratch, start, status};
+use crate::support::{fds, print, rss_kb, start_with_slot_0_misbehaving};
 
 /// The NOTIFY_SOCKET a worker was started with. "worker started" is logged
 /// right after the fork, so the child may not have exec'd yet (until then
@@ -87,14 +87,7 @@ fn notify_floods_and_attached_descriptors_cost_nothing() {
         let dir = scratch();
         let addr = free_addr();
         let knobs = format!("--abuse {kind} --abuse-after 500ms");
-        let worker = misbehave_once(dir.path(), &knobs, Which::FirstOfSlot(0));
-        let nogap = start(
-            dir.path(),
-            addr,
-            &["-w", "2"],
-            &[worker.to_str().unwrap()],
-            &[],
-        );
+        let nogap = start_with_slot_0_misbehaving(dir.path(), addr, &knobs, &["-w", "2"]);
         let (fd0, rss0) = (fds(nogap.pid()), rss_kb(nogap.pid()));
         let (ka, nc) = loads(addr, 2);
         nogap.wait_for_log("bad notify message ignored", LONG);

@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::load::FailureKind;
 use crate::common::{free_addr, must, LONG};
-use crate::fixture::{loads, misbehave_once, scratch, start, status, Which};
-use crate::support::{failures_after, fds, print, reload_wait, rss_kb};
+use crate::fixture::{loads, scratch, status};
+use crate::support::{
+    failures_after, fds, print, reload_wait, rss_kb, start_with_slot_0_misbehaving,
+};
 
 /// Defect 1: a worker's `shutdown(SHUT_RDWR)` on its inherited listening
 /// socket used to refuse every connection from then on while status said
@@ -16,17 +18,11 @@ use crate::support::{failures_after, fds, print, reload_wait, rss_kb};
 fn a_worker_that_shuts_the_socket_down_cannot_take_the_port_down() {
     let dir = scratch();
     let addr = free_addr();
-    let worker = misbehave_once(
-        dir.path(),
-        "--abuse shutdown --abuse-after 1500ms",
-        Which::FirstOfSlot(0),
-    );
-    let nogap = start(
+    let nogap = start_with_slot_0_misbehaving(
         dir.path(),
         addr,
+        "--abuse shutdown --abuse-after 1500ms",
         &["-w", "2"],
-        &[worker.to_str().unwrap()],
-        &[],
     );
     let (fd0, rss0) = (fds(nogap.pid()), rss_kb(nogap.pid()));
     let (ka, nc) = loads(addr, 4);
@@ -79,17 +75,11 @@ fn a_worker_that_shuts_the_socket_down_cannot_take_the_port_down() {
 fn a_shrunk_backlog_is_restored_and_does_not_spread() {
     let dir = scratch();
     let addr = free_addr();
-    let worker = misbehave_once(
-        dir.path(),
-        "--abuse backlog1 --abuse-after 500ms",
-        Which::FirstOfSlot(0),
-    );
-    let nogap = start(
+    let nogap = start_with_slot_0_misbehaving(
         dir.path(),
         addr,
+        "--abuse backlog1 --abuse-after 500ms",
         &["--backlog", "128"],
-        &[worker.to_str().unwrap()],
-        &[],
     );
     let backlog = |d: &std::path::Path| status(d)["sockets"][0]["backlog"].as_u64();
     nogap.wait_for_log("a worker damaged a shared socket: repaired", LONG);
@@ -111,17 +101,11 @@ fn a_shrunk_backlog_is_restored_and_does_not_spread() {
 fn a_cleared_nonblocking_flag_is_set_again() {
     let dir = scratch();
     let addr = free_addr();
-    let worker = misbehave_once(
-        dir.path(),
-        "--abuse blocking --abuse-after 1s",
-        Which::FirstOfSlot(0),
-    );
-    let nogap = start(
+    let nogap = start_with_slot_0_misbehaving(
         dir.path(),
         addr,
+        "--abuse blocking --abuse-after 1s",
         &["-w", "2"],
-        &[worker.to_str().unwrap()],
-        &[],
     );
     let (ka, nc) = loads(addr, 4);
     nogap.wait_for_log("a worker damaged a shared socket: repaired", LONG);

@@ -2,12 +2,27 @@
 //! memory, its CPU time, reloads through the control socket.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::load::{FailureKind, Report};
-use crate::common::{nogap_bin, proc_status};
+use crate::common::{nogap_bin, proc_status, Nogap};
+use crate::fixture::{misbehave_once, start, Which};
+
+/// nogap with `nogap_args` on `addr`, whose slot 0 worker misbehaves once
+/// with the demo's `knobs` (`--abuse KIND --abuse-after T`); its
+/// replacement and every other worker behave.
+pub fn start_with_slot_0_misbehaving(
+    dir: &Path,
+    addr: SocketAddr,
+    knobs: &str,
+    nogap_args: &[&str],
+) -> Nogap {
+    let worker = misbehave_once(dir, knobs, Which::FirstOfSlot(0));
+    start(dir, addr, nogap_args, &[worker.to_str().unwrap()], &[])
+}
 
 /// Open descriptors of `pid`.
 pub fn fds(pid: i32) -> usize {

@@ -2,7 +2,7 @@
 
 use crate::common::{free_addr, must, process_exists, LONG};
 use crate::fixture::{loads, misbehave_once, scratch, start, status, Which};
-use crate::support::{fds, print, reload_wait};
+use crate::support::{fds, print, reload_wait, start_with_slot_0_misbehaving};
 
 /// The processes whose parent is `pid` and whose process group is `pgid`.
 fn group_members(pgid: i32) -> Vec<i32> {
@@ -20,17 +20,11 @@ fn group_members(pgid: i32) -> Vec<i32> {
 fn a_worker_that_forks_and_exits_leaves_nothing_behind() {
     let dir = scratch();
     let addr = free_addr();
-    let worker = misbehave_once(
-        dir.path(),
-        "--abuse fork-exit --abuse-after 1s",
-        Which::FirstOfSlot(0),
-    );
-    let nogap = start(
+    let nogap = start_with_slot_0_misbehaving(
         dir.path(),
         addr,
+        "--abuse fork-exit --abuse-after 1s",
         &["-w", "2"],
-        &[worker.to_str().unwrap()],
-        &[],
     );
     let first = nogap.wait_workers(1, 2, LONG);
     let (ka, nc) = loads(addr, 2);
