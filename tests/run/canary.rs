@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::load::{FailureKind, Load, LoadConfig, Mode, Report};
 use crate::common::{free_addr, nogap_bin, process_exists, Nogap, LONG};
-use crate::util::{client, scratch, script, set_worker_args, start, switchable_worker, text};
+use crate::util::{
+    client, scratch, script, set_worker_args, start, status_json, switchable_worker, text,
+};
 
 /// `nogap reload --wait`, and when it was asked and answered.
 fn reload_wait(dir: &Path) -> (Output, Instant, Instant) {
@@ -77,12 +79,7 @@ fn a_healthy_canary_shares_then_hands_over_without_a_failure() {
         shown.contains("generation 2 canary (30% of new connections)"),
         "{shown}"
     );
-    let json = Command::new(nogap_bin())
-        .args(["status", "--json", "--control"])
-        .arg(dir.path().join("control.sock"))
-        .output()
-        .expect("run nogap status --json");
-    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status JSON");
+    let json = status_json(dir.path());
     assert_eq!(json["canary"]["generation"], 2, "{json}");
     assert_eq!(json["canary"]["percent"], 30, "{json}");
     let (out, asked, answered_at) = reload.join().expect("reload thread");

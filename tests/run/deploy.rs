@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{demo_bin, free_addr, must, read_json, Nogap, LONG};
-use crate::util::{both_loads, client, scratch, text};
+use crate::common::{demo_bin, free_addr, must, read_json, LONG};
+use crate::util::{both_loads, client, scratch, start_with_config, text, write_config};
 
 /// The file: the demo, writing a report per worker to `DIR/TAG-{pid}.json`,
 /// with `TAG` in its environment too.
@@ -17,18 +17,6 @@ fn config(dir: &Path, listen: &str, workers: u32, tag: &str) -> String {
         demo_bin(),
         report.display()
     )
-}
-
-fn write(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write config");
-    std::fs::rename(&tmp, path).expect("rename config");
-}
-
-fn start(dir: &Path, file: &Path) -> Nogap {
-    let nogap = Nogap::run(dir, &["--config".as_ref(), file.as_os_str()]);
-    nogap.wait_for_log("generation ready generation=1", LONG);
-    nogap
 }
 
 /// The reports `DIR/TAG-PID.json` of these pids, once written.
@@ -52,15 +40,15 @@ fn a_reload_deploys_workers_args_and_env_from_the_file() {
     let addr = free_addr();
     let file = dir.path().join("app.toml");
     let listen = format!("web={addr}");
-    write(&file, &config(dir.path(), &listen, 2, "a"));
-    let nogap = start(dir.path(), &file);
+    write_config(&file, &config(dir.path(), &listen, 2, "a"));
+    let nogap = start_with_config(dir.path(), &file);
     let (ka, nc) = both_loads(addr, 4, Duration::from_millis(2));
     let gen1 = nogap.wait_workers(1, 2, LONG);
     for r in reports(dir.path(), "a", &gen1) {
         assert_eq!(r["env"]["all"]["TAG"], "a", "{r}");
     }
 
-    write(&file, &config(dir.path(), &listen, 3, "b"));
+    write_config(&file, &config(dir.path(), &listen, 3, "b"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     let gen2 = nogap.wait_workers(2, 3, LONG);
@@ -93,8 +81,8 @@ fn a_broken_config_fails_the_reload_while_serving_continues() {
     let file = dir.path().join("app.toml");
     let listen = format!("web={addr}");
     let good = config(dir.path(), &listen, 2, "a");
-    write(&file, &good);
-    let nogap = start(dir.path(), &file);
+    write_config(&file, &good);
+    let nogap = start_with_config(dir.path(), &file);
     let (ka, nc) = both_loads(addr, 4, Duration::from_millis(2));
     let holder = std::net::TcpListener::bind(free_addr()).expect("bind");
     let taken = holder.local_addr().expect("address");
@@ -120,7 +108,7 @@ fn a_broken_config_fails_the_reload_while_serving_continues() {
         ),
     ];
     for (text_of_file, error) in &bad_cases {
-        write(&file, text_of_file);
+        write_config(&file, text_of_file);
         let out = client(dir.path(), &["reload", "--wait"]);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         assert!(
@@ -146,7 +134,7 @@ fn a_broken_config_fails_the_reload_while_serving_continues() {
     assert_eq!(nogap.started_pids(None).len(), 2, "nothing else started");
     assert_eq!(nogap.count_log("reload started"), 0);
 
-    write(&file, &good.replace("workers = 2", "workers = 1"));
+    write_config(&file, &good.replace("workers = 2", "workers = 1"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(

@@ -8,12 +8,13 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use crate::common::load::{get_once, Target};
-use crate::common::{demo_bin, free_addr, must, process_exists, read_json, Nogap, LONG};
-use crate::util::{both_loads, client, code, scratch, text};
+use crate::common::{demo_bin, free_addr, must, process_exists, read_json, LONG};
+use crate::util::{
+    both_loads, client, code, scratch, start_with_config, text, upgrade_wait, write_config,
+};
 
 /// The file: `listen` as given, the demo writing a report per worker to
 /// `DIR/TAG-{pid}.json`.
@@ -41,12 +42,6 @@ fn config_with(dir: &Path, listen: &[String], tag: &str, demo_args: &[&str]) -> 
     )
 }
 
-fn write(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write config");
-    std::fs::rename(&tmp, path).expect("rename config");
-}
-
 fn env_of(dir: &Path, tag: &str, pid: i32, var: &str) -> String {
     let path = dir.join(format!("{tag}-{pid}.json"));
     must(LONG, &format!("{} written", path.display()), || {
@@ -68,12 +63,6 @@ fn refused(addr: SocketAddr) -> bool {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
-fn start(dir: &Path, file: &Path) -> Nogap {
-    let nogap = Nogap::run(dir, &["--config".as_ref(), file.as_os_str()]);
-    nogap.wait_for_log("generation ready generation=1", LONG);
-    nogap
-}
-
 /// `admin` is added under load on `web`: nothing fails on web, admin
 /// serves, and only the new generation has it (`LISTEN_FDNAMES=web:admin`).
 #[test]
@@ -81,14 +70,14 @@ fn a_reload_adds_a_listener() {
     let dir = scratch();
     let (web, admin) = (free_addr(), free_addr());
     let file = dir.path().join("app.toml");
-    write(&file, &config(dir.path(), &[format!("web={web}")], "a"));
-    let nogap = start(dir.path(), &file);
+    write_config(&file, &config(dir.path(), &[format!("web={web}")], "a"));
+    let nogap = start_with_config(dir.path(), &file);
     let (ka, nc) = both_loads(web, 4, Duration::from_millis(2));
     let gen1 = nogap.wait_workers(1, 2, LONG);
     assert!(refused(admin), "nothing listens on {admin} yet");
 
     let both = [format!("web={web}"), format!("admin={admin}")];
-    write(&file, &config(dir.path(), &both, "b"));
+    write_config(&file, &config(dir.path(), &both, "b"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     let gen2 = nogap.wait_workers(2, 2, LONG);
@@ -120,13 +109,13 @@ fn a_reload_removes_a_listener_once_no_generation_has_it() {
     let (web, admin) = (free_addr(), free_addr());
     let file = dir.path().join("app.toml");
     let both = [format!("web={web}"), format!("admin={admin}")];
-    write(&file, &config(dir.path(), &both, "a"));
-    let nogap = start(dir.path(), &file);
+    write_config(&file, &config(dir.path(), &both, "a"));
+    let nogap = start_with_config(dir.path(), &file);
     let (ka, nc) = both_loads(web, 4, Duration::from_millis(2));
     let gen1 = nogap.wait_workers(1, 2, LONG);
     assert!(serves(admin));
 
-    write(&file, &config(dir.path(), &both[..1], "b"));
+    write_config(&file, &config(dir.path(), &both[..1], "b"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     let gen2 = nogap.wait_workers(2, 2, LONG);
@@ -153,7 +142,7 @@ fn a_reload_removes_a_listener_once_no_generation_has_it() {
     assert!(!status.contains(&admin.to_string()), "{status}");
     assert!(ka.wait_for_more_ok(50, LONG) && nc.wait_for_more_ok(50, LONG));
 
-    write(&file, &config(dir.path(), &both, "c"));
+    write_config(&file, &config(dir.path(), &both, "c"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     must(LONG, "admin serves again", || serves(admin));
@@ -202,10 +191,6 @@ fn accepted_by(pids: &[i32], port: u16) -> Option<i32> {
         .find(|&pid| !held_sockets(pid).is_disjoint(&conns))
 }
 
-fn upgrade_wait(dir: &Path) -> Output {
-    client(dir, &["upgrade", "--wait"])
-}
-
 /// `admin` is dropped while a generation 1 worker still serves a slow
 /// request on it, and nogap upgrades itself in place during that drain:
 /// the request is answered, admin is closed (by the new image) only once
@@ -218,8 +203,8 @@ fn a_removed_listener_still_drains_across_an_upgrade_and_is_closed_after_it() {
     let both = [format!("web={web}"), format!("admin={admin}")];
     // Generation 1 takes 8 s over each admin request, none over web's.
     let slow = ["--work", "8s", "--work-on", "admin"];
-    write(&file, &config_with(dir.path(), &both, "a", &slow));
-    let nogap = start(dir.path(), &file);
+    write_config(&file, &config_with(dir.path(), &both, "a", &slow));
+    let nogap = start_with_config(dir.path(), &file);
     let (ka, nc) = both_loads(web, 4, Duration::from_millis(2));
     let gen1 = nogap.wait_workers(1, 2, LONG);
 
@@ -240,7 +225,7 @@ fn a_removed_listener_still_drains_across_an_upgrade_and_is_closed_after_it() {
     let holder = holder.unwrap();
     let other = *gen1.iter().find(|&&p| p != holder).unwrap();
 
-    write(&file, &config(dir.path(), &both[..1], "b"));
+    write_config(&file, &config(dir.path(), &both[..1], "b"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     nogap.wait_workers(2, 2, LONG);
@@ -314,11 +299,11 @@ fn a_listener_added_by_a_reload_is_the_same_socket_after_an_upgrade() {
     let (web, admin) = (free_addr(), free_addr());
     let file = dir.path().join("app.toml");
     let both = [format!("web={web}"), format!("admin={admin}")];
-    write(&file, &config(dir.path(), &both[..1], "a"));
-    let nogap = start(dir.path(), &file);
+    write_config(&file, &config(dir.path(), &both[..1], "a"));
+    let nogap = start_with_config(dir.path(), &file);
     let (ka, nc) = both_loads(web, 4, Duration::from_millis(2));
 
-    write(&file, &config(dir.path(), &both, "b"));
+    write_config(&file, &config(dir.path(), &both, "b"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     must(LONG, "admin serves", || serves(admin));
@@ -342,7 +327,7 @@ fn a_listener_added_by_a_reload_is_the_same_socket_after_an_upgrade() {
     assert!(sockets.is_subset(&held_sockets(nogap.pid())));
 
     // The next reload, in the new image, keeps it.
-    write(&file, &config(dir.path(), &both, "c"));
+    write_config(&file, &config(dir.path(), &both, "c"));
     let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));
     let gen3 = nogap.wait_workers(3, 2, LONG);

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use std::io::{Read, Write};
 
 use crate::common::{free_addr, must, LONG};
-use crate::util::{both_loads, reload, scratch, set_worker_args, start, switchable_worker};
+use crate::util::{
+    both_loads, client, reload, scratch, set_worker_args, start, status_json, switchable_worker,
+};
 
 /// An answer of the metrics endpoint.
 struct Answer {
@@ -225,11 +227,7 @@ fn readyz_is_503_until_a_generation_serves_and_while_stopping() {
 }
 
 fn reload_wait(dir: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(crate::common::nogap_bin())
-        .args(["reload", "--wait", "--control"])
-        .arg(dir.join("control.sock"))
-        .output()
-        .expect("nogap reload --wait")
+    client(dir, &["reload", "--wait"])
 }
 
 /// `--worker-output capture` outside journald: each line on nogap's stderr
@@ -268,12 +266,7 @@ exec "$DEMO" $args"#,
         "{said}"
     );
     assert!(said.contains("failing at start"), "{said}");
-    let status = std::process::Command::new(crate::common::nogap_bin())
-        .args(["status", "--json", "--control"])
-        .arg(dir.path().join("control.sock"))
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let json = status_json(dir.path());
     let output = &json["last_reload"]["output"];
     assert!(
         output
@@ -318,12 +311,7 @@ exec "$DEMO""#,
     let mut slowest = Duration::ZERO;
     while t.elapsed() < Duration::from_secs(10) {
         let asked = Instant::now();
-        let out = std::process::Command::new(crate::common::nogap_bin())
-            .args(["status", "--json", "--control"])
-            .arg(dir.path().join("control.sock"))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        status_json(dir.path());
         slowest = slowest.max(asked.elapsed());
         assert!(ka.wait_for_more_ok(1, LONG));
     }
@@ -351,14 +339,14 @@ exec "$DEMO""#,
 }
 
 fn status(dir: &std::path::Path, json: bool) -> String {
-    let mut cmd = std::process::Command::new(crate::common::nogap_bin());
-    cmd.arg("status")
-        .arg("--control")
-        .arg(dir.join("control.sock"));
-    if json {
-        cmd.arg("--json");
-    }
-    let out = cmd.output().expect("nogap status");
+    let out = client(
+        dir,
+        if json {
+            &["status", "--json"]
+        } else {
+            &["status"]
+        },
+    );
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -473,11 +461,7 @@ fn reload_wait_shows_progress_on_a_terminal_and_one_line_otherwise() {
         "{shown:?}"
     );
     // Not a terminal: the one line.
-    let out = std::process::Command::new(crate::common::nogap_bin())
-        .args(["reload", "--wait", "--control"])
-        .arg(&control)
-        .output()
-        .unwrap();
+    let out = reload_wait(dir.path());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success());
     assert_eq!(text.lines().count(), 1, "{text:?}");

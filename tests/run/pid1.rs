@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use crate::common::{
     free_addr, must, nogap_bin, parent_of, pids_of_children, process_exists, LONG,
 };
-use crate::util::{both_loads, scratch, script};
+use crate::util::{both_loads, client, scratch, script};
 
 /// `unshare` with nogap as its child, stderr in a file. The pids nogap logs
 /// are the namespace's, so the usual guard (which kills logged workers by
@@ -102,11 +102,7 @@ exec "$DEMO""#,
     // generation's workers leave orphans.
     kill(Pid::from_raw(nogap), Signal::SIGHUP).expect("HUP nogap");
     unshare.wait_for_count("generation ready generation=2", 1);
-    let out = Command::new(nogap_bin())
-        .args(["reload", "--wait", "--control"])
-        .arg(dir.path().join("control.sock"))
-        .output()
-        .expect("nogap reload");
+    let out = client(dir.path(), &["reload", "--wait"]);
     assert!(out.status.success(), "{out:?}");
     unshare.wait_for_count("generation ready generation=3", 1);
     // 3 generations × 2 workers × 5 orphans, all reaped by nogap.

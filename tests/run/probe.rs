@@ -5,26 +5,10 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::common::{Nogap, LONG};
-use crate::util::{both_loads, client, scratch, set_worker_args, switchable_worker, text};
-
-/// `nogap run -l web=ADDR ARGS -- WORKER` (ARGS has the `--ready`), waiting
-/// for generation 1.
-fn start(
-    dir: &std::path::Path,
-    addr: std::net::SocketAddr,
-    args: &[&str],
-    worker: &[&str],
-) -> Nogap {
-    let listen = format!("web={addr}");
-    let mut all = vec!["-l", &listen];
-    all.extend_from_slice(args);
-    all.push("--");
-    all.extend_from_slice(worker);
-    let nogap = Nogap::run(dir, &all);
-    nogap.wait_for_log("generation ready generation=1", LONG);
-    nogap
-}
+use crate::common::LONG;
+use crate::util::{
+    both_loads, client, scratch, set_worker_args, start_as_given, switchable_worker, text,
+};
 
 fn reload_wait(dir: &std::path::Path) -> (Output, Duration) {
     let t = Instant::now();
@@ -41,7 +25,7 @@ fn a_generation_that_answers_500_fails_its_probe_and_no_client_sees_it() {
     let dir = scratch();
     let addr = crate::common::free_addr();
     let worker = switchable_worker(dir.path());
-    let nogap = start(
+    let nogap = start_as_given(
         dir.path(),
         addr,
         &["-w", "2", "--ready", "notify+http:/healthz"],
@@ -99,7 +83,7 @@ fn a_slow_probe_is_bounded_by_the_start_timeout() {
     let dir = scratch();
     let addr = crate::common::free_addr();
     let worker = switchable_worker(dir.path());
-    let _nogap = start(
+    let _nogap = start_as_given(
         dir.path(),
         addr,
         &["--ready", "notify+http:/", "--start-timeout", "2s"],
@@ -132,7 +116,7 @@ fn the_tcp_probe_passes_once_a_worker_accepts() {
     let dir = scratch();
     let addr = crate::common::free_addr();
     let worker = switchable_worker(dir.path());
-    let nogap = start(
+    let nogap = start_as_given(
         dir.path(),
         addr,
         &["--ready", "tcp"],

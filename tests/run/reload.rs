@@ -7,7 +7,8 @@ use nix::sys::signal::Signal;
 
 use crate::common::{field, free_addr, must, process_exists, LONG};
 use crate::util::{
-    both_loads, hup, reload, scratch, set_worker_args, start, start_demo, switchable_worker,
+    both_loads, hup, reload, scratch, set_worker_args, start, start_demo, status_json,
+    switchable_worker,
 };
 
 #[test]
@@ -198,14 +199,7 @@ fn steered_reloads_lose_nothing_even_when_the_stop_signal_is_sigkill() {
     // Two sockets on the address serve every reload; once the old
     // generation is gone its socket is closed, and the serving one is left
     // alone at index 0: as many sockets as at start. Status says so.
-    let status = || -> serde_json::Value {
-        let out = std::process::Command::new(crate::common::nogap_bin())
-            .args(["status", "--json", "--control"])
-            .arg(dir.path().join("control.sock"))
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let status = || status_json(dir.path());
     must(LONG, "one steered socket left", || {
         status()["steering"]["pools"] == 1
     });

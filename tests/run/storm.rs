@@ -4,13 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{free_addr, must, nogap_bin, proc_status, LONG};
-use crate::util::{both_loads, scratch, start_demo};
+use crate::common::{free_addr, must, proc_status, LONG};
+use crate::util::{both_loads, client, scratch, start_demo, text};
 
 /// Reloads in the test; `NOGAP_STORM_RELOADS` overrides (the benchmark
 /// `cargo bench --bench storm` runs 1000).
@@ -52,16 +51,8 @@ fn child_generations(pid: i32) -> BTreeSet<u64> {
 
 fn reload_wait(dir: &Path) -> Duration {
     let t = Instant::now();
-    let out = Command::new(nogap_bin())
-        .args(["reload", "--wait", "--control"])
-        .arg(dir.join("control.sock"))
-        .output()
-        .expect("run nogap reload");
-    assert!(
-        out.status.success(),
-        "reload --wait failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = client(dir, &["reload", "--wait"]);
+    assert!(out.status.success(), "reload --wait failed: {}", text(&out));
     t.elapsed()
 }
 

@@ -3,13 +3,13 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 use crate::common::{demo_bin, free_addr, must, nogap_bin, process_exists, Nogap, LONG};
-use crate::util::{both_loads, code, reload, scratch};
+use crate::util::{both_loads, code, reload, scratch, status_json, upgrade_wait};
 
 /// A copy of the nogap binary at `dir/bin/nogap`, to be replaced.
 fn install(dir: &Path) -> PathBuf {
@@ -39,14 +39,6 @@ fn start_from(exe: &Path, dir: &Path, addr: std::net::SocketAddr) -> Nogap {
     let nogap = Nogap::spawn("nogap", cmd);
     nogap.wait_for_log("generation ready generation=1", LONG);
     nogap
-}
-
-fn upgrade_wait(dir: &Path) -> Output {
-    Command::new(nogap_bin())
-        .args(["upgrade", "--wait", "--control"])
-        .arg(dir.join("control.sock"))
-        .output()
-        .expect("run nogap upgrade")
 }
 
 fn exe_of(pid: i32) -> PathBuf {
@@ -329,12 +321,7 @@ fn every_kind_of_socket_crosses_an_upgrade() {
     let nogap = Nogap::spawn("nogap", cmd);
     nogap.wait_for_log("generation ready generation=1", LONG);
     let status = || {
-        let out = Command::new(nogap_bin())
-            .args(["status", "--json", "--control"])
-            .arg(dir.path().join("control.sock"))
-            .output()
-            .unwrap();
-        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut v = status_json(dir.path());
         v["uptime_secs"] = serde_json::Value::Null;
         for w in v["workers"].as_array_mut().unwrap() {
             w["ready_for_secs"] = serde_json::Value::Null;

@@ -23,14 +23,37 @@ pub fn scratch() -> TempDir {
 /// `nogap run -l web=ADDR --ready notify NOGAP_ARGS -- WORKER...`, waiting
 /// for `generation ready generation=1`.
 pub fn start(dir: &Path, addr: SocketAddr, nogap_args: &[&str], worker: &[&str]) -> Nogap {
+    let mut args = vec!["--ready", "notify"];
+    args.extend_from_slice(nogap_args);
+    start_as_given(dir, addr, &args, worker)
+}
+
+/// [`start`] without its `--ready notify`: NOGAP_ARGS says how workers
+/// become ready.
+pub fn start_as_given(dir: &Path, addr: SocketAddr, nogap_args: &[&str], worker: &[&str]) -> Nogap {
     let listen = format!("web={addr}");
-    let mut args = vec!["-l", &listen, "--ready", "notify"];
+    let mut args = vec!["-l", &listen];
     args.extend_from_slice(nogap_args);
     args.push("--");
     args.extend_from_slice(worker);
     let nogap = Nogap::run(dir, &args);
     nogap.wait_for_log("generation ready generation=1", LONG);
     nogap
+}
+
+/// `nogap run --config FILE`, waiting for generation 1.
+pub fn start_with_config(dir: &Path, file: &Path) -> Nogap {
+    let nogap = Nogap::run(dir, &["--config".as_ref(), file.as_os_str()]);
+    nogap.wait_for_log("generation ready generation=1", LONG);
+    nogap
+}
+
+/// Replaces a config file whole (write, then rename), as deploy tools do,
+/// so a reload never reads half a file.
+pub fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
 }
 
 /// [`start`] with the demo as worker.
@@ -134,6 +157,18 @@ pub fn client(dir: &Path, args: &[&str]) -> std::process::Output {
         .arg(dir.join("control.sock"))
         .output()
         .expect("run nogap client")
+}
+
+/// `nogap status --json`, which must succeed.
+pub fn status_json(dir: &Path) -> serde_json::Value {
+    let out = client(dir, &["status", "--json"]);
+    assert!(out.status.success(), "status --json: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// `nogap upgrade --wait`.
+pub fn upgrade_wait(dir: &Path) -> std::process::Output {
+    client(dir, &["upgrade", "--wait"])
 }
 
 /// A client's stdout and stderr, as one text.
