@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{demo_bin, free_addr, must, nogap_bin, nogap_command, Nogap, LONG};
 use crate::fixture::{scratch, start, status};
-use crate::support::{cpu, fds, reload_wait};
+use crate::support::{cpu, fds, reload_wait, slow_second_generation};
 
 /// Defect 4: under a descriptor limit, idle control connections made the
 /// accept loop spin at EMFILE (3.3 s of CPU in 5 s). Now it backs off, and
@@ -61,16 +61,7 @@ fn abandoned_reload_waits_keep_nothing() {
     let dir = scratch();
     let addr = free_addr();
     // Generation 2 never becomes ready within the test: the waits stay open.
-    let script = dir.path().join("slow.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ \"$NOGAP_GENERATION\" = 1 ]; then exec '{0}'; fi\nexec '{0}' --start-delay 60s\n",
-            demo_bin()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = slow_second_generation(dir.path());
     let nogap = start(dir.path(), addr, &[], &[script.to_str().unwrap()], &[]);
     let fd0 = fds(nogap.pid());
     let control = dir.path().join("control.sock");

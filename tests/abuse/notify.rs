@@ -5,12 +5,14 @@ use std::path::PathBuf;
 
 use crate::common::{free_addr, must, wait_until, LONG};
 use crate::fixture::{loads, pid_of, scratch, start, status};
-use crate::support::{fds, print, rss_kb, start_with_slot_0_misbehaving};
+use crate::support::{fds, print, rss_kb, slow_second_generation, start_with_slot_0_misbehaving};
 
 /// The NOTIFY_SOCKET a worker was started with. "worker started" is logged
 /// right after the fork, so the child may not have exec'd yet (until then
-/// its environ is nogap's): wait for the variable to appear.
+/// its environ is nogap's), and /proc cannot be read during an exec (the
+/// script's exec of the demo): wait for the first read that has it.
 fn notify_socket_of(pid: i32) -> PathBuf {
+    let mut found = None;
     let read = || {
         let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
         env.split(|b| *b == 0)
@@ -18,10 +20,13 @@ fn notify_socket_of(pid: i32) -> PathBuf {
             .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
     };
     assert!(
-        wait_until(LONG, || read().is_some()),
+        wait_until(LONG, || {
+            found = read();
+            found.is_some()
+        }),
         "pid {pid} never had NOTIFY_SOCKET"
     );
-    read().expect("NOTIFY_SOCKET set")
+    found.expect("NOTIFY_SOCKET set")
 }
 
 /// Defect 2: any process that could write a worker's notify socket could
@@ -31,17 +36,7 @@ fn notify_socket_of(pid: i32) -> PathBuf {
 fn a_forged_ready_does_not_make_a_generation_serve() {
     let dir = scratch();
     let addr = free_addr();
-    // Generation 2 takes 60 s to be ready.
-    let script = dir.path().join("slow.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ \"$NOGAP_GENERATION\" = 1 ]; then exec '{0}'; fi\nexec '{0}' --start-delay 60s\n",
-            crate::common::demo_bin()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = slow_second_generation(dir.path());
     let nogap = start(dir.path(), addr, &[], &[script.to_str().unwrap()], &[]);
     let (ka, nc) = loads(addr, 2);
     nogap.signal(nix::sys::signal::Signal::SIGHUP);

@@ -24,6 +24,23 @@ pub fn start_with_slot_0_misbehaving(
     start(dir, addr, nogap_args, &[worker.to_str().unwrap()], &[])
 }
 
+/// A worker script whose generation 1 is the demo and whose later
+/// generations take 60 s to be ready: a reload that stays in progress.
+pub fn slow_second_generation(dir: &Path) -> std::path::PathBuf {
+    let script = dir.join("slow.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$NOGAP_GENERATION\" = 1 ]; then exec '{0}'; fi\nexec '{0}' --start-delay 60s\n",
+            crate::common::demo_bin()
+        ),
+    )
+    .expect("write slow.sh");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod slow.sh");
+    script
+}
+
 /// Open descriptors of `pid`.
 pub fn fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
