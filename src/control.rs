@@ -284,6 +284,9 @@ pub enum Request {
         reply: Option<oneshot::Sender<String>>,
         client: Option<OwnedFd>,
     },
+    /// A client went away before its answer: whatever the loop keeps for
+    /// it (a waiter, its connection for an upgrade) can go.
+    Left,
 }
 
 /// The control socket's path: `--control`, else in nogap's runtime directory.
@@ -393,17 +396,24 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Request>) -> std::io::R
         match tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await {
             Ok(Ok(_)) => match parse_request(&line) {
                 // A client that goes away while it waits is forgotten: its
-                // waiter's channel closes with this task.
+                // waiter's channel closes as select! drops the request's
+                // future, and the loop is told to let go of what it keeps.
                 Ok(Command::Reload {
                     wait: true,
                     progress: true,
-                }) => tokio::select! {
-                    r = reload_with_progress(&tx, &mut wr, dup) => r?,
-                    () = gone(&mut rd) => return Ok(()),
+                }) => match tokio::select! {
+                    r = reload_with_progress(&tx, &mut wr, dup) => Some(r?),
+                    () = gone(&mut rd) => None,
+                } {
+                    Some(answer) => answer,
+                    None => return left(&tx).await,
                 },
-                Ok(command) => tokio::select! {
-                    answer = handle(command, &tx, dup) => answer,
-                    () = gone(&mut rd) => return Ok(()),
+                Ok(command) => match tokio::select! {
+                    answer = handle(command, &tx, dup) => Some(answer),
+                    () = gone(&mut rd) => None,
+                } {
+                    Some(answer) => answer,
+                    None => return left(&tx).await,
                 },
                 Err(error) => {
                     tracing::warn!(%error, "bad control request ignored");
@@ -418,6 +428,13 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Request>) -> std::io::R
     text.push('\n');
     wr.write_all(text.as_bytes()).await?;
     wr.shutdown().await
+}
+
+/// Tells the loop that a client left before its answer.
+async fn left(tx: &mpsc::Sender<Request>) -> std::io::Result<()> {
+    // Fails only when nogap stops, and then nothing is kept anyway.
+    let _ = tx.send(Request::Left).await;
+    Ok(())
 }
 
 /// Returns when the client closed its connection (EOF or error); whatever
@@ -1138,7 +1155,7 @@ impl Waiters {
     /// Wait with `reply`: its id, or None (answered already) when
     /// [`Waiters::MAX`] wait. Clients that went away are forgotten first.
     pub fn add(&mut self, reply: oneshot::Sender<Result<u64, String>>) -> Option<u64> {
-        self.waiting.retain(|_, tx| !tx.is_closed());
+        self.forget_left();
         if self.waiting.len() >= Self::MAX {
             let max = Self::MAX;
             let _ = reply.send(Err(format!(
@@ -1150,6 +1167,11 @@ impl Waiters {
         self.next += 1;
         self.waiting.insert(id, reply);
         Some(id)
+    }
+
+    /// Forgets the waiters whose clients went away.
+    pub fn forget_left(&mut self) {
+        self.waiting.retain(|_, tx| !tx.is_closed());
     }
 
     /// Answer waiter `id`; false if it does not wait here.

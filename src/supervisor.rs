@@ -332,6 +332,11 @@ impl Supervisor {
                 let _ = reply.send(self.status_report());
                 Vec::new()
             }
+            Request::Left => {
+                self.waiters.forget_left();
+                self.upgrading.forget_left(&self.waiters);
+                Vec::new()
+            }
             Request::Upgrade { reply, client } => {
                 self.upgrading.ask(reply, client, self.state.quiet());
                 vec![Event::UpgradeAsked]

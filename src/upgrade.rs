@@ -89,12 +89,11 @@ pub struct Hold {
     env: Environment,
     /// The executable's path, read at start (an upgrade runs what is there).
     exe: Option<PathBuf>,
-    /// Upgrades asked for, waiting for a quiet state: who to tell of a
-    /// refusal, and the connection the new image answers.
-    asked: Vec<(
-        Option<tokio::sync::oneshot::Sender<String>>,
-        Option<OwnedFd>,
-    )>,
+    /// An upgrade is asked for and waits for a quiet state.
+    wanted: bool,
+    /// Its `upgrade --wait` clients: who to tell of a refusal, and the
+    /// connection the new image answers.
+    asked: Vec<(tokio::sync::oneshot::Sender<String>, Option<OwnedFd>)>,
     /// The connections of `reload --wait` clients, by waiter id: carried
     /// by an upgrade, a new image answers on them directly.
     conns: HashMap<u64, OwnedFd>,
@@ -105,6 +104,7 @@ impl Hold {
         Hold {
             env,
             exe: own_exe(),
+            wanted: false,
             asked: Vec::new(),
             conns: HashMap::new(),
         }
@@ -117,25 +117,27 @@ impl Hold {
         client: Option<OwnedFd>,
         quiet: bool,
     ) {
-        if self.asked.is_empty() && !quiet {
+        if !self.wanted && !quiet {
             tracing::info!("upgrade asked for: it runs once nothing starts or is handed over");
         }
-        self.asked.push((reply, client));
+        self.wanted = true;
+        self.asked.extend(reply.map(|r| (r, client)));
     }
 
     /// An upgrade waits to run.
     pub fn asked(&self) -> bool {
-        !self.asked.is_empty()
+        self.wanted
     }
 
     /// Probe and execute the new binary with everything in `from` (see
     /// [`attempt`]). Returns only if it was refused: whoever asked hears why.
     pub fn run(&mut self, from: Source<'_>, systemd: &Systemd) {
+        self.wanted = false;
         let (replies, clients): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.asked).into_iter().unzip();
         let clients = clients.into_iter().flatten().collect();
         let why = attempt(self, from, clients, systemd);
-        for reply in replies.into_iter().flatten() {
+        for reply in replies {
             let _ = reply.send(why.clone());
         }
     }
@@ -143,8 +145,16 @@ impl Hold {
     /// `waiter`'s `reload --wait` client is on `client` (kept, to be carried
     /// by an upgrade); the connections of clients that left go.
     pub fn keep_client(&mut self, waiters: &Waiters, waiter: WaiterId, client: Option<OwnedFd>) {
-        self.conns.retain(|id, _| waiters.contains(*id));
+        self.forget_left(waiters);
         self.conns.extend(client.map(|c| (waiter, c)));
+    }
+
+    /// Closes the kept connections of clients that went away: reload
+    /// waiters no longer in `waiters`, and upgrade clients (their upgrade
+    /// still runs).
+    pub fn forget_left(&mut self, waiters: &Waiters) {
+        self.conns.retain(|id, _| waiters.contains(*id));
+        self.asked.retain(|(reply, _)| !reply.is_closed());
     }
 
     /// Answer `waiter`: on its carried connection when it came from an

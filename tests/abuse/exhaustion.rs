@@ -116,6 +116,46 @@ fn abandoned_reload_waits_keep_nothing() {
     assert_eq!(status(dir.path())["generation"], 1);
 }
 
+/// Clients that leave while they wait (`reload --wait`, `upgrade --wait`)
+/// take along what nogap kept for them, at once: their connection, and the
+/// copy of it kept for an upgrade to carry. (The copies used to stay until
+/// the next `reload --wait` arrived: up to 32 descriptors.)
+#[test]
+fn waiting_clients_that_leave_take_their_descriptors_along() {
+    let dir = scratch();
+    let addr = free_addr();
+    let script = slow_second_generation(dir.path());
+    let nogap = start(dir.path(), addr, &[], &[script.to_str().unwrap()], &[]);
+    let control = dir.path().join("control.sock");
+    let ask = |command: &str| {
+        let mut c = UnixStream::connect(&control).unwrap();
+        let line = format!("{{\"version\":1,\"command\":\"{command}\",\"wait\":true}}\n");
+        c.write_all(line.as_bytes()).unwrap();
+        c
+    };
+    let mut waiting = vec![ask("reload")];
+    nogap.wait_for_log("worker started generation=2", LONG);
+    let base = fds(nogap.pid());
+    // Each waiting client: its connection and the copy nogap keeps.
+    waiting.extend((0..8).map(|_| ask("reload")));
+    waiting.extend((0..8).map(|_| ask("upgrade")));
+    must(LONG, "16 more clients wait", || {
+        fds(nogap.pid()) >= base + 32
+    });
+    let most = fds(nogap.pid());
+    drop(waiting);
+    must(
+        LONG,
+        "nogap's fds below where the first client waited",
+        || fds(nogap.pid()) <= base,
+    );
+    println!(
+        "fds {base} -> {most} with 17 waiting clients -> {} once they left",
+        fds(nogap.pid())
+    );
+    assert_eq!(status(dir.path())["generation"], 1);
+}
+
 /// Defect 8: with stderr a full pipe shared with a worker that floods it,
 /// nogap's own log writes blocked its loop (reloads took 0.5-1.2 s, or
 /// hung). Now they never block: reloads answer at their usual pace.
