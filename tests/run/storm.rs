@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{free_addr, must, proc_status, LONG};
-use crate::util::{both_loads, client, scratch, start_demo, text};
+use crate::util::{both_loads, client, fd_count, scratch, start_demo, text};
 
 /// Reloads in the test; `NOGAP_STORM_RELOADS` overrides (the benchmark
 /// `cargo bench --bench storm` runs 1000).
@@ -18,13 +18,6 @@ fn reloads() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200)
-}
-
-/// Open descriptors of `pid`.
-fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 /// Resident memory of `pid`, in KiB.

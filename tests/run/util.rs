@@ -159,6 +159,19 @@ pub fn client(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("run nogap client")
 }
 
+/// Open descriptors of `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `pid`'s descriptors without those it holds for an instant (a sock_diag
+/// query, a /proc read by the health checks): the fewest of 50 reads.
+pub fn steady_fd_count(pid: i32) -> usize {
+    (0..50).map(|_| fd_count(pid)).min().unwrap_or(0)
+}
+
 /// `nogap status --json`, which must succeed.
 pub fn status_json(dir: &Path) -> serde_json::Value {
     let out = client(dir, &["status", "--json"]);
