@@ -9,8 +9,9 @@
 
 use std::time::Duration;
 
-use super::fixture::{every_kind, Nogap, Traffic, FDSTORE_SERVICE};
+use super::fixture::{every_kind, Nogap, Traffic, FDSTORE_SERVICE, LOAD_TIMEOUT};
 use super::harness::{progress, wait_for, OutputExt, Release};
+use super::load::{get_once, Target};
 
 /// From the kill to the next nogap serving: RestartSec= (1 s), start, with
 /// room for a busy box.
@@ -22,6 +23,9 @@ const LEFTOVERS_GONE: Duration = Duration::from_secs(20);
 
 /// Connections of each load (keep-alive and new-connection).
 const CLIENTS: usize = 10;
+
+/// Requests of the test's own that wait in the queue when nogap dies.
+const QUEUED: usize = 5;
 
 /// `example.service` + `example.socket`.
 pub fn with_socket_unit(release: Release) {
@@ -46,11 +50,12 @@ pub fn with_fd_store(release: Release) {
 /// request lost, of any kind; every time a new nogap serves and the dead
 /// one's workers are gone within [`LEFTOVERS_GONE`].
 ///
-/// In the second round the workers are stopped (SIGSTOP) until connections
-/// wait in the serving pool's queue, then nogap is killed and the workers
-/// continued: they drain and close the pool. Only the fd store keeps it
-/// open then; without it, those connections are reset
-/// (`net.ipv4.tcp_migrate_req=0`, the default).
+/// In the second round nogap and its workers are frozen (SIGSTOP) and
+/// [`QUEUED`] requests of the test's own wait in the serving pool's queue;
+/// then nogap is killed and the workers continued: they drain and close the
+/// pool. Only the fd store keeps it open then; without it, those
+/// connections are reset (`net.ipv4.tcp_migrate_req=0`, the default). Each
+/// of them must be answered 200.
 fn deaths_under_load(n: &Nogap, unit: &str) {
     let traffic = Traffic::start(n.addr(), CLIENTS);
     let rounds: [(bool, &str); 4] = [
@@ -66,6 +71,14 @@ fn deaths_under_load(n: &Nogap, unit: &str) {
             traffic.wait_for_answers(50);
         }
         let dead = n.main_pid(unit).expect("a main process");
+        let queued = i == 1;
+        if queued {
+            // Freeze nogap first: a live nogap would see the stalled queue
+            // (150 ms) and start a replacement that empties it. Frozen, it
+            // starts no worker after the list below is read either.
+            n.c.sh(&format!("kill -STOP {dead}"))
+                .expect_success("stop nogap");
+        }
         let workers: Vec<u32> = n
             .cgroup_procs(unit)
             .into_iter()
@@ -73,17 +86,33 @@ fn deaths_under_load(n: &Nogap, unit: &str) {
             .collect();
         assert!(!workers.is_empty(), "no workers in the cgroup");
         let pids: Vec<String> = workers.iter().map(u32::to_string).collect();
-        let queued = i == 1;
+        let mut waiting = Vec::new();
         if queued {
             // (Workers of the generation before the reload may be gone.)
             n.c.sh(&format!("kill -STOP {} 2>/dev/null; true", pids.join(" ")))
                 .expect_success("stop the workers");
-            wait_for("connections waiting in the queue", RESTART_DEADLINE, || {
-                (queue_depth(n.port) >= CLIENTS as u32 / 2).then_some(())
-            });
+            // Requests of our own, sure to wait in the queue: nobody can
+            // accept them now (the load's may be stuck in a frozen worker).
+            waiting = (0..QUEUED)
+                .map(|_| {
+                    let target = Target::Tcp(n.addr());
+                    std::thread::spawn(move || get_once(&target, LOAD_TIMEOUT))
+                })
+                .collect();
+            wait_for(
+                format!("{QUEUED} connections waiting in the queue"),
+                RESTART_DEADLINE,
+                || (queue_depth(n.port) >= QUEUED as u32).then_some(()),
+            );
         }
-        n.c.sh(&format!("kill -{signal} {dead}"))
-            .expect_success("kill nogap");
+        // A frozen nogap takes the signal when continued, before it runs
+        // again (nogap leaves SIGABRT's default action in place).
+        let kill = if queued {
+            format!("kill -{signal} {dead} && kill -CONT {dead}")
+        } else {
+            format!("kill -{signal} {dead}")
+        };
+        n.c.sh(&kill).expect_success("kill nogap");
         if queued {
             n.c.sh(&format!("kill -CONT {} 2>/dev/null; true", pids.join(" ")))
                 .expect_success("continue the workers");
@@ -97,6 +126,13 @@ fn deaths_under_load(n: &Nogap, unit: &str) {
             },
         );
         traffic.wait_for_answers(50);
+        for request in waiting {
+            let answer = request.join().expect("a queued request's thread");
+            match answer {
+                Ok(r) if r.status == 200 => {}
+                other => panic!("a request that waited in the queue while nogap died: {other:?}"),
+            }
+        }
         wait_for(
             format!("the workers {workers:?} of the dead nogap {dead} to exit"),
             LEFTOVERS_GONE,
